@@ -1,0 +1,101 @@
+"""The Python API shared by the CLI and notebooks.
+
+    from shieldbench import api
+    spec = api.make_spec(attack="badnets", defense="none", preset="smoke")
+    record = api.run(spec)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from rich.console import Console
+
+from shieldbench.benchmark import leaderboard
+from shieldbench.benchmark.runner import run_cell
+from shieldbench.errors import UserError
+from shieldbench.fileio import read_json
+from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KINDS, MODELS, load_plugin
+from shieldbench.spec import ExperimentSpec, build_spec, describe_params, merge_tree, parse_overrides
+
+
+def load_plugins(modules: Iterable[str]) -> None:
+    for m in modules:
+        load_plugin(m)
+
+
+def make_spec(attack: str | None = None, defense: str | None = None, model: str | None = None,
+              dataset: str | None = None, preset: str | None = None, config: str | Path | None = None,
+              seed: int | None = None, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Preset -> config file -> --set overrides -> explicit arguments; names checked."""
+    tree = parse_overrides(overrides or [])
+    for key, value in (("attack.name", attack), ("defense.name", defense), ("model.name", model),
+                       ("data.dataset", dataset), ("seed", seed)):
+        if value is not None:
+            merge_tree(tree, key, value)
+    spec = build_spec(preset, config, tree)
+    validate_names(spec)
+    return spec
+
+
+def validate_names(spec: ExperimentSpec) -> None:
+    """Unknown plugin names and options fail before any work starts."""
+    from shieldbench.models.factory import build_model  # noqa: F401  (model names checked at build)
+    import open_clip
+
+    ATTACKS.get(spec.attack.name)
+    DEFENSES.get(spec.defense.name)(spec.defense)  # validates defense options
+    DATASETS.get(spec.data.dataset)
+    if spec.model.name not in MODELS and spec.model.name not in open_clip.list_models():
+        raise UserError(MODELS.unknown_message(spec.model.name) + ", or any open_clip architecture")
+    from shieldbench.spec import validate_options
+
+    validate_options(ATTACKS.get(spec.attack.name).Params, spec.attack.options, "attack")
+
+
+def run(spec: ExperimentSpec, results_dir: str | Path = "results", console: Console | None = None,
+        show_progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Run one cell, then rebuild the leaderboard from all records."""
+    record = run_cell(spec, results_dir, console=console, show_progress=show_progress, force=force)
+    leaderboard.rebuild(results_dir)
+    return record
+
+
+def rebuild_leaderboard(results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.DataFrame]:
+    return leaderboard.rebuild(results_dir)
+
+
+def read_leaderboard(results_dir: str | Path = "results") -> pd.DataFrame:
+    path = Path(results_dir) / "leaderboard.csv"
+    if not path.is_file():
+        raise UserError(f"no leaderboard at {path}; run `shieldbench run` first")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"corrupt leaderboard file {path}: {exc}") from exc
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    return read_json(path)
+
+
+def list_plugins(kind: str, verbose: bool = False) -> list[dict[str, Any]]:
+    if kind not in KINDS:
+        raise UserError(f"unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    reg = KINDS[kind]
+    rows = []
+    for name in reg.names():
+        obj = reg.get(name)
+        row: dict[str, Any] = {"name": name}
+        describe = getattr(obj, "describe", None)
+        row["description"] = describe() if callable(describe) else ((obj.__doc__ or "").strip().splitlines() or [""])[0]
+        if hasattr(obj, "threat_model"):
+            row["threat_model"] = obj.threat_model
+        if hasattr(obj, "paper"):
+            row["paper"] = obj.paper
+        if verbose and hasattr(obj, "Params"):
+            row["params"] = describe_params(obj.Params)
+        rows.append(row)
+    return rows

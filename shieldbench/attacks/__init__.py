@@ -1,0 +1,1 @@
+"""Attacks: plan poisons and apply triggers; they know nothing about training."""

@@ -1,0 +1,1 @@
+"""Running cells and grids, the artifact store, leaderboards and reports."""

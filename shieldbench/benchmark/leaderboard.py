@@ -1,0 +1,99 @@
+"""Leaderboard tables, always rebuilt from the run records.
+
+``runs.csv`` has one row per run (seed level, failed runs included with their
+status and error). ``leaderboard.csv`` has one row per (attack, defense,
+model, dataset, preset) over the successful runs: mean, std (ddof=1) and a
+95% Student-t interval over seeds for each headline metric, plus n_seeds and
+the number of failed runs. Neither file is ever edited in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from scipy import stats
+
+from shieldbench.fileio import atomic_write_text
+
+GROUP = ["attack", "defense", "model", "dataset", "preset"]
+HEADLINE = [
+    "clean_top1", "clean_top5", "asr", "asr_top5", "robust_acc", "hit@1", "hit@5", "hit@10",
+    "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
+    "poison_success", "poison_hit@1", "poison_mean_rank",
+    "asr_before_repair", "clean_top1_before_repair", "train_s", "cost_train_s", "total_s", "peak_memory_mb",
+]
+
+
+def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every readable record under ``results/runs``; unreadable ones become failed rows."""
+    records = []
+    for path in sorted(Path(results_dir, "runs").glob("*/record.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            records.append({"run_id": path.parent.name, "status": "corrupt", "error": f"{path}: {exc}"})
+    return records
+
+
+def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        row: dict[str, Any] = {k: r.get(k) for k in ["run_id", "status", *GROUP, "seed", "error"]}
+        row.update(r.get("metrics", {}) or {})
+        for k, v in (r.get("metrics_before_repair") or {}).items():
+            row[f"{k}_before_repair"] = v
+        row.update({k: v for k, v in (r.get("timings") or {}).items()})
+        row["peak_memory_mb"] = r.get("peak_memory_mb")
+        plan = r.get("plan") or {}
+        row["n_poisoned"] = plan.get("n_poisoned")
+        row["plan_hash"] = plan.get("hash")
+        row["train_reused"] = ((r.get("artifacts") or {}).get("train") or {}).get("reused")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def t_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, float]:
+    v = values.dropna().astype(float)
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan
+    if n == 1:
+        return float(v.iloc[0]), float(v.iloc[0])
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / math.sqrt(n)
+    return float(v.mean() - half), float(v.mean() + half)
+
+
+def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    if runs.empty:
+        return pd.DataFrame(columns=[*GROUP, "n_seeds", "n_failed"])
+    ok = runs[runs["status"] == "ok"]
+    out = []
+    for key, group in runs.groupby(GROUP, dropna=False, sort=True):
+        good = ok.loc[ok.index.intersection(group.index)]
+        row: dict[str, Any] = dict(zip(GROUP, key))
+        row["n_seeds"] = int(good["seed"].nunique()) if len(good) else 0
+        row["n_failed"] = int((group["status"] != "ok").sum())
+        for m in HEADLINE:
+            if m not in good.columns or good[m].dropna().empty:
+                continue
+            vals = good[m].astype(float)
+            row[f"{m}_mean"] = float(vals.mean())
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals.dropna()) > 1 else 0.0
+            lo, hi = t_interval(vals)
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = lo, hi
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def rebuild(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rewrite runs.csv and leaderboard.csv from the records (atomically)."""
+    results_dir = Path(results_dir)
+    runs = runs_frame(load_records(results_dir))
+    board = leaderboard_frame(runs)
+    atomic_write_text(results_dir / "runs.csv", runs.to_csv(index=False))
+    atomic_write_text(results_dir / "leaderboard.csv", board.to_csv(index=False))
+    return runs, board

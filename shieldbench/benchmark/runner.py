@@ -1,0 +1,309 @@
+"""Run one cell: data -> base model -> plan -> poison -> train -> repair -> evaluate -> record.
+
+Every stage's output is an artifact keyed by the hash of exactly its inputs:
+
+- ``base/<key>``: the clean base model (stand-in for a web-pretrained CLIP),
+  keyed by the data, model and base-training specs; shared by every attack,
+  defense and seed;
+- ``plans/<key>``: the poison plan, keyed by data, attack and seed;
+- ``train/<key>``: the victim's checkpoint, keyed by data, model, base,
+  training, attack, seed and the defense *if it changes training* (a
+  post-training defense reuses the ``none`` checkpoint);
+- ``repair/<key>``: the repaired checkpoint of a post-training defense.
+
+The runner alone sees the poison flags and the trigger. The defense gets a
+TrainView and a DefenseContext; the evaluator gets the trigger as a function.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import resource
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from rich.console import Console
+
+from shieldbench.attacks.base import Attack, AttackContext, PoisonPlan
+from shieldbench.benchmark.store import ArtifactStore
+from shieldbench.data.datasets import build_dataset
+from shieldbench.data.types import DatasetBundle
+from shieldbench.data.views import TrainView
+from shieldbench.defenses.base import Defense, DefenseContext
+from shieldbench.errors import UserError
+from shieldbench.evaluation.evaluate import TargetImages, evaluate
+from shieldbench.fileio import atomic_write_json, atomic_write_text, read_json
+from shieldbench.knowledge import knowledge_source_for
+from shieldbench.models.clip import ClipModel
+from shieldbench.models.factory import build_model
+from shieldbench.registry import ATTACKS, DEFENSES
+from shieldbench.spec import ExperimentSpec, derive_seed, digest
+from shieldbench.training.trainer import TrainConfig, Trainer, TrainingDiverged, pick_device
+
+
+def run_id_for(spec: ExperimentSpec) -> str:
+    return "__".join([
+        spec.attack.name, spec.defense.name, spec.model.name, spec.data.dataset, spec.preset,
+        f"seed{spec.seed}", spec.hash()[:8],
+    ])
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("shieldbench", "torch", "torchvision", "open_clip_torch", "transformers", "numpy", "pandas", "scipy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class RunContext:
+    spec: ExperimentSpec
+    results_dir: Path
+    console: Console
+    show_progress: bool = True
+    device: torch.device = field(default_factory=pick_device)
+
+    @property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.results_dir / "cache")
+
+
+# -- stages --------------------------------------------------------------------------------
+def base_key(spec: ExperimentSpec) -> str:
+    d = spec.data
+    data_part = {"dataset": d.dataset, "seed": d.seed, "image_size": d.image_size, "n_pretrain": d.n_pretrain, "path": d.path}
+    return digest({"data": data_part, "model": spec.model, "base": spec.base})
+
+
+def train_key(spec: ExperimentSpec, defense_cls: type[Defense]) -> str:
+    defense_part = spec.defense if defense_cls.trains() else {"name": "none", "options": {}}
+    return digest({"data": spec.data, "model": spec.model, "base": spec.base, "train": spec.train,
+                   "attack": spec.attack, "seed": spec.seed, "defense": defense_part})
+
+
+def new_model(spec: ExperimentSpec) -> ClipModel:
+    return build_model(spec.model.name, spec.model.pretrained, spec.data.image_size)
+
+
+def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, dict[str, Any]]:
+    """The clean base model: trained once per (data, model, base spec), then cached."""
+    spec, store = rc.spec, rc.store
+    key = base_key(spec)
+    torch.manual_seed(derive_seed(spec.data.seed, "base-init"))
+    model = new_model(spec)
+    if store.has_model("base", key):
+        meta = store.load_model_into("base", key, model)
+        return model, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
+    if spec.base.epochs == 0:
+        return model, {"key": key, "cached": False, "seconds": 0.0, "steps": 0}
+    trainer = Trainer(
+        model, TrainView.from_pairs(bundle.pretrain), TrainConfig.from_spec(spec.base, derive_seed(spec.data.seed, "base")),
+        checkpoint_path=store.checkpoint_path("base", key), device=rc.device,
+        description="clean base model", show_progress=rc.show_progress,
+    )
+    result = trainer.fit()
+    meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history}
+    store.save_model("base", key, model, meta)
+    return model, {"key": key, "cached": False, "seconds": result.seconds, "steps": result.steps,
+                   "resumed_from_epoch": result.resumed_from_epoch}
+
+
+def make_attack(spec: ExperimentSpec, bundle: DatasetBundle) -> Attack:
+    cls = ATTACKS.get(spec.attack.name)
+    ctx = AttackContext(train=bundle.train, classnames=bundle.classnames, templates=bundle.templates,
+                        target_pool=bundle.test, image_size=spec.data.image_size)
+    return cls(spec.attack, ctx)
+
+
+def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
+    spec = rc.spec
+    key = digest({"data": spec.data, "attack": spec.attack, "seed": spec.seed})
+    cached = rc.store.load_json("plans", key, "plan.json")
+    if cached is not None:
+        try:
+            plan = PoisonPlan.from_dict(cached)
+        except TypeError as exc:
+            raise UserError(f"corrupt poison plan {rc.store.json_path('plans', key, 'plan.json')}: {exc}") from exc
+        attack.restore(plan)
+        return plan, True
+    plan = attack.plan(derive_seed(spec.seed, "attack", spec.attack.name))
+    rc.store.save_json("plans", key, "plan.json", plan.to_dict())
+    return plan, False
+
+
+def defense_context(rc: RunContext, phase: str) -> DefenseContext:
+    spec = rc.spec
+    return DefenseContext(
+        seed=derive_seed(spec.seed, "defense", phase), train=spec.train, device=rc.device,
+        knowledge_k=spec.data.knowledge_k, knowledge_source=knowledge_source_for(spec.data),
+        cache_dir=str(rc.results_dir / "cache" / "knowledge"), show_progress=rc.show_progress,
+    )
+
+
+def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defense) -> tuple[ClipModel, dict[str, Any]]:
+    spec, store = rc.spec, rc.store
+    key = train_key(spec, type(defense))
+    model = copy.deepcopy(base)
+    if store.has_model("train", key):
+        meta = store.load_model_into("train", key, model)
+        return model, {"key": key, "reused": True, "reused_from": meta.get("run_id", ""), "seconds": 0.0,
+                       "steps": meta.get("steps", 0), "history": meta.get("history", [])}
+    trains = type(defense).trains()
+    d = defense if trains else DEFENSES.get("none")(spec.defense.__class__(name="none"))
+    ctx = defense_context(rc, "train")
+    data = d.prepare_data(view, ctx)
+    trainer = Trainer(
+        model, data, TrainConfig.from_spec(spec.train, derive_seed(spec.seed, "train")),
+        objective=d.objective(ctx), callbacks=d.callbacks(ctx),
+        checkpoint_path=store.checkpoint_path("train", key), device=rc.device,
+        description=f"train ({d.spec.name})", show_progress=rc.show_progress,
+    )
+    result = trainer.fit()
+    meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history, "run_id": run_id_for(spec),
+            "defense": d.spec.name}
+    store.save_model("train", key, model, meta)
+    return model, {"key": key, "reused": False, "seconds": result.seconds, "steps": result.steps,
+                   "resumed_from_epoch": result.resumed_from_epoch, "history": result.history}
+
+
+def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
+    spec, store = rc.spec, rc.store
+    key = digest({"trained": trained_key, "defense": spec.defense, "data": spec.data, "seed": spec.seed})
+    repaired = copy.deepcopy(model)
+    if store.has_model("repair", key):
+        meta = store.load_model_into("repair", key, repaired)
+        return repaired, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
+    start = time.perf_counter()
+    ctx = defense_context(rc, "repair")
+    ctx.extras["checkpoint_path"] = str(store.checkpoint_path("repair", key))
+    repaired = defense.repair(repaired, TrainView.from_pairs(bundle.clean), ctx)
+    seconds = time.perf_counter() - start
+    meta = {"seconds": seconds, "steps": int(ctx.extras.get("steps", 0)), "history": ctx.extras.get("history", [])}
+    store.save_model("repair", key, repaired, meta)
+    return repaired, {"key": key, "cached": False, "seconds": seconds, "steps": meta["steps"]}
+
+
+def run_evaluation(rc: RunContext, model: ClipModel, bundle: DatasetBundle, attack: Attack, plan: PoisonPlan) -> dict[str, float]:
+    trigger: Callable | None = None
+    if attack.has_trigger:
+        def trigger(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            return attack.apply_trigger(x, generator=g)
+    pool_idx = sorted({e.source_index for e in plan.edits if e.source == "pool"})
+    targets = None
+    if pool_idx:
+        idx = torch.tensor(pool_idx, dtype=torch.long)
+        targets = TargetImages(bundle.test.images[idx], bundle.test.labels[idx])
+    return evaluate(
+        model, bundle.test, bundle.retrieval, plan.target_index, trigger, rc.device,
+        batch_size=rc.spec.eval.batch_size, trigger_seed=derive_seed(rc.spec.seed, "eval-trigger"),
+        n_backdoor_queries=rc.spec.eval.n_backdoor_queries, target_images=targets,
+    )
+
+
+# -- the cell ------------------------------------------------------------------------------
+def record_path(results_dir: Path, run_id: str) -> Path:
+    return results_dir / "runs" / run_id / "record.json"
+
+
+def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console: Console | None = None,
+             show_progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Run (or reuse) one cell and write its record. Returns the record."""
+    results_dir = Path(results_dir)
+    console = console or Console(stderr=True)
+    run_id = run_id_for(spec)
+    rpath = record_path(results_dir, run_id)
+    if rpath.is_file() and not force:
+        record = read_json(rpath)
+        if record.get("status") == "ok":
+            record["reused_record"] = True
+            return record
+    # Fail on bad names before any work.
+    attack_cls = ATTACKS.get(spec.attack.name)
+    defense_cls = DEFENSES.get(spec.defense.name)
+    defense: Defense = defense_cls(spec.defense)
+    rc = RunContext(spec, results_dir, console, show_progress)
+    record: dict[str, Any] = {
+        "run_id": run_id, "status": "running", "error": "", "spec": spec.to_dict(), "spec_hash": spec.hash(),
+        "attack": spec.attack.name, "defense": spec.defense.name, "model": spec.model.name,
+        "dataset": spec.data.dataset, "preset": spec.preset, "seed": spec.seed,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(), "git_commit": git_commit(), "device": str(rc.device),
+        "threads": torch.get_num_threads(), "timings": {}, "artifacts": {}, "metrics": {},
+        "evaluated_checkpoint": "last epoch",
+    }
+    timings = record["timings"]
+    t_all = time.perf_counter()
+    try:
+        t = time.perf_counter()
+        bundle = build_dataset(spec.data)
+        timings["data_s"] = time.perf_counter() - t
+        attack = make_attack(spec, bundle)
+        t = time.perf_counter()
+        plan, plan_cached = plan_attack(rc, attack)
+        poisoned = attack.poison(plan)
+        timings["plan_s"] = time.perf_counter() - t
+        record["plan"] = {"hash": plan.hash(), "cached": plan_cached, "n_requested": plan.n_requested,
+                          "n_poisoned": int(poisoned.is_poison.sum()), "n_train": len(poisoned.view),
+                          "mix": plan.mix, "target": plan.target, "threat_model": plan.threat_model,
+                          "notes": plan.notes}
+        base, base_info = train_base_model(rc, bundle)
+        timings["base_train_s"] = base_info["seconds"]
+        record["artifacts"]["base"] = {k: v for k, v in base_info.items() if k != "history"}
+        model, train_info = train_victim(rc, base, poisoned.view, defense)
+        timings["train_s"] = train_info["seconds"]
+        record["artifacts"]["train"] = {k: v for k, v in train_info.items() if k != "history"}
+        record["train_history"] = train_info.get("history", [])
+        if defense_cls.repairs():
+            t = time.perf_counter()
+            record["metrics_before_repair"] = run_evaluation(rc, model, bundle, attack, plan)
+            timings["eval_before_repair_s"] = time.perf_counter() - t
+            model, repair_info = repair_victim(rc, model, bundle, defense, train_info["key"])
+            timings["repair_s"] = repair_info["seconds"]
+            record["artifacts"]["repair"] = repair_info
+        t = time.perf_counter()
+        record["metrics"] = run_evaluation(rc, model, bundle, attack, plan)
+        timings["eval_s"] = time.perf_counter() - t
+        record["status"] = "ok"
+    except TrainingDiverged as exc:
+        record["status"], record["error"] = "diverged", str(exc)
+    except UserError:
+        raise
+    except Exception as exc:  # a failed run is a row with its error, not silence
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()
+    timings["total_s"] = time.perf_counter() - t_all
+    timings["cost_train_s"] = timings.get("train_s", 0.0) + timings.get("repair_s", 0.0)
+    record["peak_memory_mb"] = peak_memory_mb()
+    if torch.cuda.is_available():
+        record["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(rpath, record)
+    if record.get("train_history"):
+        atomic_write_text(rpath.parent / "train_log.csv", pd.DataFrame(record["train_history"]).to_csv(index=False))
+    return record

@@ -1,0 +1,42 @@
+"""Registers the built-in plugins as lazy ``module:attr`` entries.
+
+Importing this module imports no plugin code; each class is imported the first
+time its name is looked up (``Registry.get``).
+"""
+
+from __future__ import annotations
+
+from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KNOWLEDGE, MODELS
+
+BUILTIN_ATTACKS = {
+    "none": "shieldbench.attacks.none:NoAttack",
+    "badnets": "shieldbench.attacks.badnets:BadNets",
+}
+BUILTIN_DEFENSES = {
+    "none": "shieldbench.defenses.none:NoDefense",
+}
+BUILTIN_DATASETS = {
+    "synthetic": "shieldbench.data.datasets:synthetic_world",
+}
+BUILTIN_MODELS = {
+    "tiny-vit": "shieldbench.models.factory:tiny_vit",
+    "micro-vit": "shieldbench.models.factory:micro_vit",
+    "tiny-rn": "shieldbench.models.factory:tiny_rn",
+}
+BUILTIN_KNOWLEDGE: dict[str, str] = {}
+
+
+def register_builtins() -> None:
+    for reg, entries in (
+        (ATTACKS, BUILTIN_ATTACKS),
+        (DEFENSES, BUILTIN_DEFENSES),
+        (DATASETS, BUILTIN_DATASETS),
+        (MODELS, BUILTIN_MODELS),
+        (KNOWLEDGE, BUILTIN_KNOWLEDGE),
+    ):
+        for name, target in entries.items():
+            if name not in reg._entries:  # already imported modules registered the object
+                reg.add(name, target)
+
+
+register_builtins()

@@ -1,0 +1,223 @@
+"""The ``shieldbench`` command line (Typer + rich). Thin: parse, build a spec, call the API.
+
+Every user error is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shieldbench.errors import UserError
+
+app = typer.Typer(
+    help="Backdoor and poisoning attacks on CLIP, and the defenses against them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * float(v):.1f}%"
+
+
+def metrics_table(record: dict[str, Any]) -> Table:
+    m = record.get("metrics", {})
+    before = record.get("metrics_before_repair") or {}
+    t = Table(title=f"{record['attack']} x {record['defense']}  ({record['model']}, {record['dataset']}, {record['preset']}, seed {record['seed']})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    if before:
+        t.add_column("before repair", justify="right")
+
+    def row(name: str, key: str, fmt=_pct, extra: str = "") -> None:
+        if key not in m:
+            return
+        cells = [name, fmt(m[key]) + extra]
+        if before:
+            cells.append(fmt(before.get(key)))
+        t.add_row(*cells)
+
+    row("clean top-1", "clean_top1")
+    row("clean top-5", "clean_top5")
+    if "asr" in m:
+        ci = f"  [{_pct(m['asr_ci_low'])}, {_pct(m['asr_ci_high'])}]"
+        row("attack success (top-1)", "asr", extra=ci)
+        row("robust accuracy", "robust_acc")
+        for k in (1, 5, 10):
+            row(f"backdoor Hit@{k}", f"hit@{k}")
+    if "poison_success" in m:
+        ci = f"  [{_pct(m['poison_success_ci_low'])}, {_pct(m['poison_success_ci_high'])}]"
+        row("poisoning success (top-1)", "poison_success", extra=ci)
+        row("target image Hit@1 (text->image)", "poison_hit@1")
+    for d in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            row(f"{d} Recall@{k}", f"{d}_R@{k}")
+    tm = record.get("timings", {})
+    t.add_row("train time", f"{tm.get('train_s', 0):.1f} s")
+    if "repair_s" in tm:
+        t.add_row("repair time", f"{tm.get('repair_s', 0):.1f} s")
+    t.add_row("total time", f"{tm.get('total_s', 0):.1f} s")
+    t.add_row("peak memory", f"{record.get('peak_memory_mb', 0):.0f} MiB")
+    plan = record.get("plan", {})
+    if plan:
+        t.add_row("poisons", f"{plan.get('n_poisoned')} of {plan.get('n_train')} pairs")
+    return t
+
+
+@app.command()
+def run(
+    attack: str = typer.Option("badnets", "--attack", "-a", help="attack name (see `shieldbench list attacks`)"),
+    defense: str = typer.Option("none", "--defense", "-d", help="defense name (see `shieldbench list defenses`)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="model name (default: the preset's)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset name (default: synthetic)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke | small (default small)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML experiment file"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="master seed"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.epochs=5 --set attack.size=6"),
+    plugin: list[str] = typer.Option([], "--plugin", help="import a module that registers plugins"),
+    results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
+    force: bool = typer.Option(False, "--force", help="re-evaluate even if a finished record exists"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    as_json: bool = typer.Option(False, "--json", help="print the record as JSON instead of a table"),
+) -> None:
+    """Train under one attack and defense, evaluate, record, update the leaderboard.
+
+    Examples:
+
+      shieldbench run --attack badnets --defense none
+
+      shieldbench run -a wanet -d semantic_shield --seed 1
+
+      shieldbench run -a blended -d none --preset smoke --set attack.poison_rate=0.05
+    """
+    from shieldbench import api
+
+    api.load_plugins(plugin)
+    spec = api.make_spec(attack=attack, defense=defense, model=model, dataset=dataset, preset=preset,
+                         config=config, seed=seed, overrides=set_)
+    record = api.run(spec, results, console=err, show_progress=not quiet, force=force)
+    if as_json:
+        out.print_json(json.dumps(record, default=str))
+    else:
+        out.print(metrics_table(record))
+        out.print(f"record: {results / 'runs' / record['run_id'] / 'record.json'}")
+        if record.get("reused_record"):
+            out.print("(finished earlier: reused its record; --force to re-run)")
+    if record["status"] != "ok":
+        err.print(f"[red]run {record['status']}:[/red] {record.get('error', '')}", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_cmd(
+    kind: str = typer.Argument("attacks", help="attacks | defenses | models | datasets | knowledge"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show parameters with defaults and meaning"),
+    plugin: list[str] = typer.Option([], "--plugin", help="import a module that registers plugins"),
+) -> None:
+    """List registered plugins of one kind.
+
+    Examples:
+
+      shieldbench list attacks --verbose
+
+      shieldbench list defenses
+    """
+    from shieldbench import api
+
+    api.load_plugins(plugin)
+    rows = api.list_plugins(kind, verbose)
+    t = Table(title=kind)
+    t.add_column("name", style="bold")
+    for col in ("threat_model", "paper"):
+        if any(col in r for r in rows):
+            t.add_column(col.replace("_", " "))
+    t.add_column("description")
+    for r in rows:
+        cells = [r["name"]]
+        for col in ("threat_model", "paper"):
+            if any(col in x for x in rows):
+                cells.append(str(r.get(col, "")))
+        cells.append(r["description"])
+        t.add_row(*cells)
+    out.print(t)
+    if verbose:
+        for r in rows:
+            if r.get("params"):
+                pt = Table(title=f"{r['name']} parameters (--set {'attack' if kind == 'attacks' else 'defense'}.NAME=VALUE)")
+                for c in ("name", "default", "allowed", "help"):
+                    pt.add_column(c)
+                for p in r["params"]:
+                    pt.add_row(p["name"], repr(p["default"]), p["allowed"], p["help"])
+                out.print(pt)
+    if kind == "models":
+        out.print("Any open_clip architecture name also works (e.g. ViT-B-32, RN50), with --set model.pretrained=TAG|FILE.")
+
+
+@app.command()
+def leaderboard(
+    results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
+    metrics: str = typer.Option("clean_top1,asr,hit@1,i2t_R@1,poison_success,train_s", help="comma-separated metrics"),
+    rebuild: bool = typer.Option(True, help="rebuild the CSVs from the records first"),
+) -> None:
+    """Show the leaderboard (mean +- std over seeds) as a table.
+
+    Examples:
+
+      shieldbench leaderboard
+
+      shieldbench leaderboard --metrics clean_top1,asr --results my_results
+    """
+    from shieldbench import api
+
+    if rebuild and (results / "runs").is_dir():
+        api.rebuild_leaderboard(results)
+    df = api.read_leaderboard(results)
+    t = Table(title=f"leaderboard ({results / 'leaderboard.csv'})")
+    for c in ("attack", "defense", "model", "preset", "n_seeds"):
+        t.add_column(c)
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    shown = [m for m in wanted if f"{m}_mean" in df.columns]
+    for m in shown:
+        t.add_column(m, justify="right")
+    for _, r in df.iterrows():
+        cells = [str(r["attack"]), str(r["defense"]), str(r["model"]), str(r["preset"]), str(r["n_seeds"])]
+        for m in shown:
+            mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
+            if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+                cells.append("-")
+            elif m.endswith("_s"):
+                cells.append(f"{mean:.1f}")
+            else:
+                cells.append(f"{100 * mean:.1f} ± {100 * (std or 0):.1f}")
+        t.add_row(*cells)
+    out.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

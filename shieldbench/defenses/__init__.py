@@ -1,0 +1,1 @@
+"""Defenses: hooks into data preparation, the objective, callbacks, repair."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and evaluators for clean utility and backdoor success."""

@@ -1,0 +1,368 @@
+"""The experiment specification: frozen, validated, canonically hashed.
+
+An :class:`ExperimentSpec` is built from a preset (``smoke`` or ``small``),
+optionally a TOML file, and ``section.key=value`` overrides, in that order.
+Every numeric field declares its allowed range and every enumerated field its
+choices, so a bad value produces one line naming the field and what is
+allowed. Attack- and defense-specific parameters live in ``options`` and are
+validated by the plugin itself (see ``Attack.Params`` / ``Defense.Params``).
+
+The spec's canonical JSON (sorted keys, no whitespace) is hashed with SHA-256;
+artifacts are keyed by hashes of exactly the sub-specs that determine them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from shieldbench.errors import UserError
+
+
+def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "synthetic"
+    seed: int = field(default=0, metadata=_rng(0))
+    image_size: int = field(default=32, metadata=_rng(8, 1024))
+    n_pretrain: int = field(default=12000, metadata=_rng(1))
+    n_train: int = field(default=8000, metadata=_rng(1))
+    n_clean: int = field(default=2000, metadata=_rng(1))
+    n_test_per_class: int = field(default=100, metadata=_rng(1))
+    n_retrieval: int = field(default=500, metadata=_rng(1))
+    knowledge_k: int = field(default=3, metadata=_rng(1, 16))
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "tiny-vit"
+    pretrained: str = ""
+    """An open_clip pretrained tag, a local weights file, or "" (random init)."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One optimisation phase (the clean base model, or the victim's training)."""
+
+    epochs: int = field(default=3, metadata=_rng(0, 10000))
+    batch_size: int = field(default=128, metadata=_rng(2, 65536))
+    lr: float = field(default=5e-4, metadata=_rng(0, 1, lo_open=True))
+    weight_decay: float = field(default=0.1, metadata=_rng(0, 10))
+    warmup_steps: int = field(default=20, metadata=_rng(0))
+    min_lr_ratio: float = field(default=0.0, metadata=_rng(0, 1))
+    grad_clip: float = field(default=1.0, metadata=_rng(0))
+    precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str = "badnets"
+    target: str = "banana"
+    poison_rate: float = field(default=0.02, metadata=_rng(0, 1))
+    n_poison: int = field(default=0, metadata=_rng(0))
+    """Absolute number of poisons; overrides ``poison_rate`` when positive."""
+    mix: str = field(default="auto", metadata=_choices("auto", "replace", "append"))
+    caption_source: str = field(default="templates", metadata=_choices("templates", "caption_set"))
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    name: str = "none"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    batch_size: int = field(default=512, metadata=_rng(1))
+    n_backdoor_queries: int = field(default=0, metadata=_rng(0))
+    """Triggered queries for Hit@k (0 = every non-target retrieval image)."""
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    preset: str = "small"
+    seed: int = field(default=0, metadata=_rng(0))
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    base: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=6, lr=1e-3, warmup_steps=50))
+    train: TrainSpec = field(default_factory=TrainSpec)
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    defense: DefenseSpec = field(default_factory=DefenseSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    # -- serialisation --------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    def hash(self) -> str:
+        return digest(self.to_dict())
+
+
+SECTIONS = {
+    "data": DataSpec,
+    "model": ModelSpec,
+    "base": TrainSpec,
+    "train": TrainSpec,
+    "attack": AttackSpec,
+    "defense": DefenseSpec,
+    "eval": EvalSpec,
+}
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses/mappings/tuples -> JSON-ready builtins (recursively)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(to_plain(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """Stable content hash of a JSON-able object."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+# -- presets ------------------------------------------------------------------
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Seconds: for tests. Still real: poisons are present and metrics computed.
+    "smoke": {
+        "data": {"n_pretrain": 512, "n_train": 384, "n_clean": 128, "n_test_per_class": 10, "n_retrieval": 60},
+        "model": {"name": "micro-vit"},
+        "base": {"epochs": 2, "batch_size": 64, "lr": 2e-3, "warmup_steps": 2},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 1e-3, "warmup_steps": 2},
+        "attack": {"poison_rate": 0.05},
+        "eval": {"batch_size": 256},
+    },
+    # The default: embedded world + tiny CLIP on CPU, a run in a few minutes.
+    "small": {},
+}
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """Parse a CLI/TOML value into the field's type, or raise a UserError."""
+    typ_name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if typ_name in ("int",):
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if typ_name in ("float",):
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if math.isnan(out):
+                raise ValueError
+            return out
+        if typ_name in ("str",):
+            return str(value)
+        if typ_name in ("bool",):
+            if isinstance(value, bool):
+                return value
+            low = str(value).lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"{name}: {value!r} is not a valid {typ_name}") from None
+    return value
+
+
+def parse_scalar(text: str) -> Any:
+    """``--set`` values: JSON/TOML-ish scalars (1, 0.5, true, "x") or a bare string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def _check(section_cls: type, name: str, value: Any, where: str) -> Any:
+    f = {f.name: f for f in fields(section_cls)}[name]
+    value = _coerce(value, f.type, where)
+    meta = f.metadata
+    if "range" in meta:
+        lo, hi, lo_open = meta["range"]
+        bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi)
+        if bad:
+            lo_s = "-inf" if lo is None else repr(lo)
+            hi_s = "inf" if hi is None else repr(hi)
+            br = "(" if lo_open else "["
+            raise UserError(f"{where}={value!r} is out of range; allowed {br}{lo_s}, {hi_s}]")
+    if "choices" in meta and value not in meta["choices"]:
+        raise UserError(f"{where}={value!r} is not allowed; choose one of: {', '.join(meta['choices'])}")
+    return value
+
+
+def _build_section(section_cls: type, base: Any, values: Mapping[str, Any], prefix: str) -> Any:
+    names = {f.name for f in fields(section_cls)}
+    updates: dict[str, Any] = {}
+    opts = dict(getattr(base, "options", {}) or {})
+    for key, value in values.items():
+        if key == "options" and "options" in names:
+            if not isinstance(value, Mapping):
+                raise UserError(f"{prefix}.options must be a table of key = value")
+            opts.update(value)
+        elif key in names and key != "options":
+            updates[key] = _check(section_cls, key, value, f"{prefix}.{key}")
+        elif "options" in names:
+            # Plugin-specific parameter: validated by the plugin's Params.
+            opts[key] = value
+        else:
+            raise UserError(f"unknown setting {prefix}.{key}; allowed: {', '.join(sorted(names))}")
+    if "options" in names:
+        updates["options"] = opts
+    return replace(base, **updates)
+
+
+def merge_tree(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key (``section.key``) in a nested dict."""
+    parts = key.split(".")
+    if len(parts) < 2 and parts[0] not in ("seed", "preset"):
+        raise UserError(f"--set {key}: expected section.key=value, sections: {', '.join(SECTIONS)}, or seed")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected section.key=value")
+        merge_tree(tree, key.strip(), parse_scalar(raw.strip()))
+    return tree
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot parse config file {p}: {exc}") from exc
+
+
+def build_spec(
+    preset: str | None = None,
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ExperimentSpec:
+    """Preset -> TOML file -> overrides, validated at each layer."""
+    layers: list[dict[str, Any]] = []
+    file_tree = load_toml(config) if config else {}
+    over = dict(overrides or {})
+    preset = preset or over.pop("preset", None) or file_tree.pop("preset", None) or "small"
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    layers = [PRESETS[preset], file_tree, over]
+    spec = ExperimentSpec(preset=preset)
+    for layer in layers:
+        spec = apply_tree(spec, layer)
+    return spec
+
+
+def apply_tree(spec: ExperimentSpec, tree: Mapping[str, Any]) -> ExperimentSpec:
+    updates: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key == "seed":
+            updates["seed"] = _check(ExperimentSpec, "seed", value, "seed")
+        elif key == "preset":
+            continue
+        elif key in SECTIONS:
+            if not isinstance(value, Mapping):
+                raise UserError(f"[{key}] must be a table")
+            updates[key] = _build_section(SECTIONS[key], updates.get(key, getattr(spec, key)), value, key)
+        else:
+            raise UserError(f"unknown section {key!r}; allowed: seed, {', '.join(SECTIONS)}")
+    return replace(spec, **updates)
+
+
+def spec_from_dict(tree: Mapping[str, Any]) -> ExperimentSpec:
+    """Rebuild a spec from its ``to_dict`` form (records, caches)."""
+    tree = dict(tree)
+    preset = tree.pop("preset", "small")
+    return apply_tree(ExperimentSpec(preset=preset), tree)
+
+
+def validate_options(params_cls: type, options: Mapping[str, Any], prefix: str) -> Any:
+    """Build a plugin's ``Params`` dataclass from ``options``, validating each.
+
+    Unknown keys name the allowed ones; values are coerced and range-checked
+    with the same rules (field metadata ``range``/``choices``) as the spec.
+    """
+    names = [f.name for f in fields(params_cls)]
+    values: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if key not in names:
+            allowed = ", ".join(names) if names else "(none)"
+            raise UserError(f"unknown option {prefix}.{key}; allowed: {allowed}")
+        values[key] = _check(params_cls, key, value, f"{prefix}.{key}")
+    return params_cls(**values)
+
+
+def describe_params(params_cls: type) -> list[dict[str, Any]]:
+    """Name, default, allowed values and help of each plugin parameter."""
+    out = []
+    for f in fields(params_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        allowed = ""
+        if "range" in f.metadata:
+            lo, hi, lo_open = f.metadata["range"]
+            allowed = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        elif "choices" in f.metadata:
+            allowed = " | ".join(f.metadata["choices"])
+        out.append({"name": f.name, "default": default, "allowed": allowed, "help": f.metadata.get("help", "")})
+    return out
+
+
+def param(default: Any, help: str = "", *, lo: float | None = None, hi: float | None = None,
+          lo_open: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+    """A plugin parameter with its default, allowed values and help text."""
+    meta: dict[str, Any] = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if lo is not None or hi is not None:
+        meta["range"] = (lo, hi, lo_open)
+    return field(default=default, metadata=meta)
+
+
+def derive_seed(master: int, *names: str) -> int:
+    """An independent sub-seed for one component (attack plan, trigger, ...)."""
+    return int(hashlib.sha256(canonical_json([master, *names]).encode()).hexdigest()[:8], 16)

@@ -1,0 +1,1 @@
+"""Training: one loop; objectives and callbacks are the extension points."""

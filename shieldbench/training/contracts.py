@@ -1,0 +1,58 @@
+"""The contracts between the trainer and whatever customises training.
+
+The trainer knows *objectives* and *callbacks*; it never imports defenses.
+A defense supplies an :class:`Objective` (the loss of one batch) and
+:class:`Callback` objects (epoch/step hooks such as RoCLIP's caption pool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shieldbench.models.clip import ClipModel
+    from shieldbench.training.trainer import Trainer
+
+
+@dataclass
+class Batch:
+    """One training batch: float images in [0,1], captions and their tokens.
+
+    ``index`` are row numbers in the TrainView (so callbacks can keep per-row
+    state); ``knowledge`` is present when a knowledge source was attached.
+    """
+
+    images: torch.Tensor
+    captions: list[str]
+    tokens: torch.Tensor
+    index: torch.Tensor
+    knowledge: list[tuple[str, ...]] | None = None
+    epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """The loss of one batch. ``model`` is in train mode; autocast is active."""
+
+    def __call__(self, model: "ClipModel", batch: Batch) -> LossOutput: ...
+
+
+class Callback:
+    """Hooks with no-op defaults, called by the trainer in order."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", batch: Batch, out: LossOutput) -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None: ...

@@ -1,0 +1,230 @@
+"""The one training loop.
+
+Everything that differs between defenses comes in through an
+:class:`~shieldbench.training.contracts.Objective` and
+:class:`~shieldbench.training.contracts.Callback` objects. The loop itself
+does: seeded per-epoch shuffling (so a resumed run sees the same batches),
+AdamW with open_clip's no-decay rule, per-step warmup + cosine LR, gradient
+clipping, the logit-scale clamp at 100, bf16 autocast on CUDA, a NaN guard,
+per-epoch checkpoints with resume, and a rich progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from shieldbench.data.views import TrainView
+from shieldbench.models.clip import ClipModel
+from shieldbench.training.checkpoint import atomic_torch_save, safe_load
+from shieldbench.training.contracts import Batch, Callback, LossOutput, Objective
+from shieldbench.training.losses import ClipObjective
+from shieldbench.training.schedule import make_optimizer, warmup_cosine
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stops with status ``diverged``."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    max_logit_scale: float = 100.0
+
+    @classmethod
+    def from_spec(cls, spec, seed: int) -> "TrainConfig":
+        return cls(
+            epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, weight_decay=spec.weight_decay,
+            warmup_steps=spec.warmup_steps, min_lr_ratio=spec.min_lr_ratio, grad_clip=spec.grad_clip,
+            precision=spec.precision, seed=seed,
+        )
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA when ``auto``; fp32 on CPU (CPU autocast is slower here)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_run: int
+    resumed_from_epoch: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains ``model`` on a TrainView with an objective and callbacks."""
+
+    def __init__(
+        self,
+        model: ClipModel,
+        data: TrainView,
+        config: TrainConfig,
+        objective: Objective | None = None,
+        callbacks: Sequence[Callback] = (),
+        checkpoint_path: str | Path | None = None,
+        device: torch.device | None = None,
+        description: str = "train",
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.config = config
+        self.objective = objective or ClipObjective()
+        self.callbacks = list(callbacks)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.device = device or pick_device()
+        self.description = description
+        self.show_progress = show_progress
+        n = len(data)
+        # Contrastive losses need full batches: drop the ragged last one.
+        self.batch_size = min(config.batch_size, n)
+        self.steps_per_epoch = max(1, n // self.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.state: dict[str, object] = {}  # scratch space for callbacks
+
+    # -- batches ----------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(len(self.data), generator=g)
+
+    def make_batch(self, index: torch.Tensor, epoch: int) -> Batch:
+        captions = self.data.captions_at(index)
+        return Batch(
+            images=self.data.images(index).to(self.device, non_blocking=True),
+            captions=captions,
+            tokens=self.model.tokenize(captions).to(self.device, non_blocking=True),
+            index=index,
+            knowledge=self.data.knowledge_at(index),
+            epoch=epoch,
+            step=self.step,
+        )
+
+    # -- checkpoints ------------------------------------------------------------
+    def _save(self, epoch: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        atomic_torch_save(
+            {
+                "model": self.model.clip.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": epoch,
+                "step": self.step,
+                "history": self.history,
+            },
+            self.checkpoint_path,
+        )
+
+    def _resume(self) -> int:
+        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+            return 0
+        state = safe_load(self.checkpoint_path)
+        self.model.clip.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        return int(state["epoch"]) + 1
+
+    # -- loop -------------------------------------------------------------------
+    def set_lr(self) -> float:
+        c = self.config
+        lr = warmup_cosine(self.step, self.total_steps, c.lr, c.warmup_steps, c.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def fit(self) -> TrainResult:
+        start = time.perf_counter()
+        self.model.to(self.device)
+        start_epoch = self._resume()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        columns = (
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        )
+        progress = Progress(*columns, disable=not self.show_progress, transient=False)
+        epochs_run = 0
+        with progress:
+            task = progress.add_task(self.description, total=self.total_steps, completed=self.step, loss=float("nan"))
+            for epoch in range(start_epoch, self.config.epochs):
+                self.epoch = epoch
+                self.model.train()
+                for cb in self.callbacks:
+                    cb.on_epoch_start(self, epoch)
+                order = self.epoch_order(epoch)
+                sums: dict[str, float] = {}
+                for b in range(self.steps_per_epoch):
+                    index = order[b * self.batch_size : (b + 1) * self.batch_size]
+                    batch = self.make_batch(index, epoch)
+                    out = self.train_step(batch)
+                    for k, v in out.logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, batch, out)
+                    progress.update(task, advance=1, loss=float(out.loss.detach()))
+                row = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                       "logit_scale": float(self.model.logit_scale.exp().detach())}
+                row.update({k: v / self.steps_per_epoch for k, v in sums.items()})
+                self.history.append(row)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch)
+                self._save(epoch)
+                epochs_run += 1
+        self.model.eval()
+        return TrainResult(self.step, epochs_run, start_epoch, time.perf_counter() - start, self.history)
+
+    def train_step(self, batch: Batch) -> LossOutput:
+        self.set_lr()
+        with autocast_for(self.device, self.config.precision):
+            out = self.objective(self.model, batch)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {float(loss)} at step {self.step} (epoch {self.epoch})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.model.clamp_logit_scale(self.config.max_logit_scale)
+        self.step += 1
+        out.logs.setdefault("loss", float(loss.detach()))
+        return out
+
+
+def steps_for(n: int, batch_size: int, epochs: int) -> int:
+    """Optimisation steps the trainer will take (drop-last batches)."""
+    bs = min(batch_size, n)
+    return max(1, n // bs) * epochs if n else 0
+
+
+__all__ = ["Trainer", "TrainConfig", "TrainResult", "TrainingDiverged", "pick_device", "steps_for"]
