@@ -1,7 +1,7 @@
 """pytest-benchmark: speed of the synthetic world generator.
 
-Run with ``python -m pytest benchmarks/bench_synthetic.py`` (the file name does
-not match pytest's default ``test_*.py`` pattern, so it must be named).
+Run with ``python -m pytest benchmarks/bench_synthetic.py`` (``testpaths`` is
+``tests``, so benchmarks only run when named).
 """
 
 from __future__ import annotations

@@ -133,11 +133,19 @@ _SIZE_HALF_EXTENT = torch.tensor([0.25, 0.40])
 
 POSITIONS: list[str] = ["center", "left", "right", "top", "bottom"]
 # Centre offsets in normalised coordinates (x right, y down); 0.4 == 0.2 of the
-# side.  Largest object (half-extent 0.4 * 1.08) + offset + jitter < 0.95, so
-# objects never leave the frame.
+# side.  Largest object (half-extent 0.4 * 1.03) + offset (+ jitter) < 0.95,
+# so objects never leave the frame.
 _POSITION_OFFSET = torch.tensor(
     [[0.0, 0.0], [-0.4, 0.0], [0.4, 0.0], [0.0, -0.4], [0.0, 0.4]]
 )
+# Jitter of the object's scale (relative) and centre (normalised units).
+# Kept small on purpose: with a patch-8 ViT on 32 px images, sub-patch
+# misalignment is the main difficulty.  A supervised 4-layer ViT trained
+# 600 steps x 128 on 12k images reached 88% test accuracy with (0.08, 0.06),
+# 95% with (0.04, 0.025) and 98% with (0.03, 0.0).  Backgrounds, shading and
+# pixel noise still make every image distinct.
+_SCALE_JITTER = 0.03
+_CENTRE_JITTER = 0.0
 _POSITION_PHRASE = {
     "center": "in the center",
     "left": "on the left",
@@ -392,8 +400,8 @@ def sample_attributes(
     size = torch.randint(len(SIZES), (n,), generator=g)
     position = torch.randint(len(POSITIONS), (n,), generator=g)
     background = torch.randint(len(BACKGROUNDS), (n,), generator=g)
-    scale = _SIZE_HALF_EXTENT[size] * _uniform(n, 0.92, 1.08, g)
-    centre = _POSITION_OFFSET[position] + _uniform((n, 2), -0.06, 0.06, g)
+    scale = _SIZE_HALF_EXTENT[size] * _uniform(n, 1 - _SCALE_JITTER, 1 + _SCALE_JITTER, g)
+    centre = _POSITION_OFFSET[position] + _uniform((n, 2), -_CENTRE_JITTER, _CENTRE_JITTER, g)
     shade = _uniform(n, 0.9, 1.05, g)
     return {
         "label": label, "colour": colour, "size": size, "position": position,

@@ -209,7 +209,7 @@ class Trainer:
             out = self.objective(self.model, batch)
         loss = out.loss
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {float(loss)} at step {self.step} (epoch {self.epoch})")
+            raise TrainingDiverged(f"loss became {float(loss.detach())} at step {self.step} (epoch {self.epoch})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:

@@ -1,0 +1,78 @@
+"""The installed ``shieldbench`` command: runs, lists, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+EXE = shutil.which("shieldbench")
+pytestmark = pytest.mark.skipif(EXE is None, reason="shieldbench is not installed (pip install -e .)")
+
+
+def sb(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def one_error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--attack", "nosuch"], ["unknown attack 'nosuch'", "badnets", "none"]),
+        (["--defense", "nosuch"], ["unknown defense 'nosuch'", "none"]),
+        (["--model", "nosuch"], ["unknown model 'nosuch'", "tiny-vit"]),
+        (["--dataset", "nosuch"], ["unknown dataset 'nosuch'", "synthetic"]),
+        (["--set", "attack.poison_rate=1.5"], ["attack.poison_rate=1.5", "allowed [0, 1]"]),
+        (["--set", "train.epochs=-1"], ["train.epochs=-1", "out of range"]),
+        (["--set", "attack.nosuch=1"], ["unknown option attack.nosuch", "pattern"]),
+        (["--preset", "huge"], ["unknown preset 'huge'", "smoke", "small"]),
+        (["--config", "missing.toml"], ["config file not found: missing.toml"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, needles, tmp_path):
+    line = one_error_line(sb("run", *args, "-o", str(tmp_path), cwd=tmp_path))
+    for n in needles:
+        assert n in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_smoke_then_leaderboard(tmp_path):
+    proc = sb("run", "--attack", "badnets", "--defense", "none", "--preset", "smoke", "-q", "-o", "res", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "attack success" in proc.stdout and "clean top-1" in proc.stdout
+    assert (tmp_path / "res" / "leaderboard.csv").is_file()
+    board = sb("leaderboard", "-o", "res", cwd=tmp_path)
+    assert board.returncode == 0 and "badnets" in board.stdout
+
+
+def test_leaderboard_missing_is_one_line(tmp_path):
+    line = one_error_line(sb("leaderboard", "-o", "nowhere", "--no-rebuild", cwd=tmp_path))
+    assert "no leaderboard at nowhere" in line
+
+
+def test_corrupt_leaderboard_is_one_line(tmp_path):
+    (tmp_path / "leaderboard.csv").write_bytes(b"\xff\xfe\x00garbage\n\"unterminated")
+    line = one_error_line(sb("leaderboard", "-o", str(tmp_path), "--no-rebuild"))
+    assert "leaderboard" in line and str(tmp_path) in line
+
+
+def test_list_and_help():
+    proc = sb("list", "attacks", "--verbose")
+    assert proc.returncode == 0 and "badnets" in proc.stdout and "pattern" in proc.stdout
+    assert sb("list", "defenses").returncode == 0
+    assert "tiny-vit" in sb("list", "models").stdout
+    line = one_error_line(sb("list", "gadgets"))
+    assert "unknown kind 'gadgets'" in line
+    for cmd in ("run", "list", "leaderboard"):
+        h = sb(cmd, "--help")
+        assert h.returncode == 0 and "Examples" in h.stdout

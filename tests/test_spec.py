@@ -1,0 +1,63 @@
+"""Spec: presets, TOML, overrides, validation messages, stable hash."""
+
+from __future__ import annotations
+
+import pytest
+
+from shieldbench.errors import UserError
+from shieldbench.spec import build_spec, parse_overrides, spec_from_dict
+
+
+def test_default_preset_is_small():
+    s = build_spec()
+    assert s.preset == "small"
+    assert s.model.name == "tiny-vit"
+
+
+def test_overrides_and_plugin_options():
+    s = build_spec("smoke", overrides=parse_overrides(["attack.poison_rate=0.1", "attack.size=6", "seed=3"]))
+    assert s.attack.poison_rate == 0.1
+    assert s.attack.options == {"size": 6}
+    assert s.seed == 3
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        ("attack.poison_rate=1.5", "attack.poison_rate=1.5 is out of range; allowed [0, 1]"),
+        ("train.epochs=-1", "train.epochs=-1 is out of range"),
+        ("train.lr=0", "allowed (0, 1]"),
+        ("train.precision=fp8", "choose one of: auto, fp32, bf16, fp16"),
+        ("data.nosuch=1", "unknown setting data.nosuch"),
+        ("train.epochs=abc", "not a valid int"),
+    ],
+)
+def test_bad_values_name_field_and_range(item, needle):
+    with pytest.raises(UserError) as exc:
+        build_spec(overrides=parse_overrides([item]))
+    assert needle in str(exc.value)
+
+
+def test_toml_file_then_overrides(tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('preset = "smoke"\nseed = 4\n[train]\nepochs = 2\n[attack]\nname = "badnets"\nsize = 5\n')
+    s = build_spec(config=cfg, overrides=parse_overrides(["train.epochs=3"]))
+    assert s.preset == "smoke" and s.seed == 4 and s.train.epochs == 3 and s.attack.options == {"size": 5}
+
+
+def test_missing_and_corrupt_toml(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        build_spec(config=tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs=")
+    with pytest.raises(UserError, match=str(bad)):
+        build_spec(config=bad)
+
+
+def test_hash_is_stable_and_sensitive():
+    a = build_spec("smoke")
+    b = build_spec("smoke")
+    assert a.hash() == b.hash()
+    assert a.hash() != build_spec("smoke", overrides={"seed": 1}).hash()
+    assert spec_from_dict(a.to_dict()) == a
+    assert spec_from_dict(a.to_dict()).hash() == a.hash()
