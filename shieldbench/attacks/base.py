@@ -17,7 +17,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from shieldbench.data.types import LabelledSet, PairSet, to_float
 from shieldbench.data.views import TrainView, quantize
 from shieldbench.errors import UserError
 from shieldbench.spec import AttackSpec, digest, validate_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shieldbench.models.clip import ClipModel
 
 THREAT_MODELS = ("none", "dirty_label", "clean_label", "targeted")
 
@@ -39,6 +42,9 @@ class AttackContext:
     templates: list[str]
     target_pool: LabelledSet | None = None
     image_size: int = 32
+    surrogate: "Callable[[], ClipModel] | None" = None
+    """Returns a copy of the clean base model, for attacks that optimise
+    their poisons against a surrogate (label-consistent PGD hardening)."""
 
 
 @dataclass

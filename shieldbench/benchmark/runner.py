@@ -45,7 +45,7 @@ from shieldbench.fileio import atomic_write_json, atomic_write_text, read_json
 from shieldbench.knowledge import knowledge_source_for
 from shieldbench.models.clip import ClipModel
 from shieldbench.models.factory import build_model
-from shieldbench.registry import ATTACKS, DEFENSES
+from shieldbench.registry import ATTACKS, DATASETS, DEFENSES
 from shieldbench.spec import ExperimentSpec, derive_seed, digest
 from shieldbench.training.trainer import TrainConfig, Trainer, TrainingDiverged, pick_device
 
@@ -96,13 +96,14 @@ class RunContext:
 # -- stages --------------------------------------------------------------------------------
 def base_key(spec: ExperimentSpec) -> str:
     d = spec.data
-    data_part = {"dataset": d.dataset, "seed": d.seed, "image_size": d.image_size, "n_pretrain": d.n_pretrain, "path": d.path}
+    version = getattr(DATASETS.get(d.dataset), "version", "")
+    data_part = {"dataset": d.dataset, "version": version, "seed": d.seed, "image_size": d.image_size, "n_pretrain": d.n_pretrain, "path": d.path}
     return digest({"data": data_part, "model": spec.model, "base": spec.base})
 
 
 def train_key(spec: ExperimentSpec, defense_cls: type[Defense]) -> str:
     defense_part = spec.defense if defense_cls.trains() else {"name": "none", "options": {}}
-    return digest({"data": spec.data, "model": spec.model, "base": spec.base, "train": spec.train,
+    return digest({"base": base_key(spec), "data": spec.data, "model": spec.model, "base_spec": spec.base, "train": spec.train,
                    "attack": spec.attack, "seed": spec.seed, "defense": defense_part})
 
 
@@ -133,10 +134,11 @@ def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, 
                    "resumed_from_epoch": result.resumed_from_epoch}
 
 
-def make_attack(spec: ExperimentSpec, bundle: DatasetBundle) -> Attack:
+def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | None = None) -> Attack:
     cls = ATTACKS.get(spec.attack.name)
+    surrogate = (lambda: copy.deepcopy(base).eval()) if base is not None else None
     ctx = AttackContext(train=bundle.train, classnames=bundle.classnames, templates=bundle.templates,
-                        target_pool=bundle.test, image_size=spec.data.image_size)
+                        target_pool=bundle.test, image_size=spec.data.image_size, surrogate=surrogate)
     return cls(spec.attack, ctx)
 
 
@@ -262,7 +264,10 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
         t = time.perf_counter()
         bundle = build_dataset(spec.data)
         timings["data_s"] = time.perf_counter() - t
-        attack = make_attack(spec, bundle)
+        base, base_info = train_base_model(rc, bundle)
+        timings["base_train_s"] = base_info["seconds"]
+        record["artifacts"]["base"] = {k: v for k, v in base_info.items() if k != "history"}
+        attack = make_attack(spec, bundle, base)
         t = time.perf_counter()
         plan, plan_cached = plan_attack(rc, attack)
         poisoned = attack.poison(plan)
@@ -271,9 +276,6 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
                           "n_poisoned": int(poisoned.is_poison.sum()), "n_train": len(poisoned.view),
                           "mix": plan.mix, "target": plan.target, "threat_model": plan.threat_model,
                           "notes": plan.notes}
-        base, base_info = train_base_model(rc, bundle)
-        timings["base_train_s"] = base_info["seconds"]
-        record["artifacts"]["base"] = {k: v for k, v in base_info.items() if k != "history"}
         model, train_info = train_victim(rc, base, poisoned.view, defense)
         timings["train_s"] = train_info["seconds"]
         record["artifacts"]["train"] = {k: v for k, v in train_info.items() if k != "history"}

@@ -14,6 +14,10 @@ from shieldbench.registry import DATASETS, register_dataset
 from shieldbench.spec import DataSpec
 
 
+# Bumped whenever generation changes, so cached models of an older world are not reused.
+SYNTHETIC_VERSION = "1"
+
+
 @register_dataset("synthetic")
 def synthetic_world(spec: DataSpec) -> DatasetBundle:
     """Embedded procedural shapes world: 10 classes, captions, knowledge elements (no download)."""
@@ -29,6 +33,9 @@ def synthetic_world(spec: DataSpec) -> DatasetBundle:
         n_retrieval=spec.n_retrieval,
         knowledge_k=spec.knowledge_k,
     )
+
+
+synthetic_world.version = SYNTHETIC_VERSION  # type: ignore[attr-defined]
 
 
 @lru_cache(maxsize=4)
