@@ -11,9 +11,16 @@ from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KNOWLEDGE, MODELS
 BUILTIN_ATTACKS = {
     "none": "shieldbench.attacks.none:NoAttack",
     "badnets": "shieldbench.attacks.badnets:BadNets",
+    "blended": "shieldbench.attacks.blended:Blended",
+    "wanet": "shieldbench.attacks.wanet:WaNet",
+    "label_consistent": "shieldbench.attacks.label_consistent:LabelConsistent",
+    "targeted": "shieldbench.attacks.targeted:TargetedPoisoning",
 }
 BUILTIN_DEFENSES = {
     "none": "shieldbench.defenses.none:NoDefense",
+    "semantic_shield": "shieldbench.defenses.semantic_shield:SemanticShield",
+    "cleanclip": "shieldbench.defenses.cleanclip:CleanCLIP",
+    "roclip": "shieldbench.defenses.roclip:RoCLIP",
 }
 BUILTIN_DATASETS = {
     "synthetic": "shieldbench.data.datasets:synthetic_world",
@@ -23,7 +30,12 @@ BUILTIN_MODELS = {
     "micro-vit": "shieldbench.models.factory:micro_vit",
     "tiny-rn": "shieldbench.models.factory:tiny_rn",
 }
-BUILTIN_KNOWLEDGE: dict[str, str] = {}
+BUILTIN_KNOWLEDGE: dict[str, str] = {
+    "synthetic": "shieldbench.knowledge.synthetic:SyntheticSource",
+    "llm": "shieldbench.knowledge.llm:LlmSource",
+    "file": "shieldbench.knowledge.file:FileSource",
+    "lexicon": "shieldbench.knowledge.lexicon:LexiconSource",
+}
 
 
 def register_builtins() -> None:

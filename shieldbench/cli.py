@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shieldbench.errors import UserError
+from shieldbench.knowledge.cli import knowledge_app
 
 app = typer.Typer(
     help="Backdoor and poisoning attacks on CLIP, and the defenses against them.",
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(knowledge_app, name="knowledge", help="Extract knowledge elements (Semantic Shield) with a language model.")
 out = Console()
 err = Console(stderr=True)
 

@@ -15,7 +15,7 @@ from shieldbench.spec import DataSpec
 
 
 # Bumped whenever generation changes, so cached models of an older world are not reused.
-SYNTHETIC_VERSION = "1"
+SYNTHETIC_VERSION = "2"
 
 
 @register_dataset("synthetic")

@@ -1,0 +1,175 @@
+"""Semantic Shield (Ishmam & Thomas, CVPR 2024): knowledge-grounded CLIP training.
+
+Image regions that do not align with the caption's knowledge elements (KEs)
+must not drive the image-text alignment. Training-time only; the model and
+inference are unchanged. See docs/semantic_shield.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shieldbench.data.views import TrainView
+from shieldbench.defenses.base import Defense, DefenseContext
+from shieldbench.defenses.semantic_shield import losses as L
+from shieldbench.errors import UserError
+from shieldbench.registry import register_defense
+from shieldbench.spec import param
+from shieldbench.training.contracts import Batch, LossOutput
+from shieldbench.training.losses import clip_loss, per_pair_clip_loss
+
+VARIANTS = ("ke", "attn", "weighted_attn", "weighted_ke")
+
+
+def encode_texts(model, token_rows: torch.Tensor) -> torch.Tensor:
+    """Text embeddings of (N, L) token ids, trimmed to the longest row when exact.
+
+    open_clip's causal text tower pools at the end-of-text token; with a causal
+    mask the positions after it never influence it, so running only the first
+    ``max_len`` columns gives the same embeddings, faster. Falls back to the
+    model's own ``encode_text`` for any other text tower.
+    """
+    clip = getattr(model, "clip", None)
+    mask = getattr(clip, "attn_mask", None)
+    if (
+        clip is None or mask is None or getattr(clip, "text_pool_type", "argmax") != "argmax"
+        or not hasattr(clip, "token_embedding") or not hasattr(clip, "positional_embedding")
+    ):
+        return model.encode_text(token_rows)
+    device = model.pixel_mean.device
+    tokens = token_rows.to(device)
+    n_used = int((tokens != 0).any(dim=0).nonzero().max()) + 1 if tokens.numel() else tokens.shape[1]
+    length = max(1, min(tokens.shape[1], n_used))
+    tokens = tokens[:, :length]
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:length].to(cast)
+    x = clip.transformer(x, attn_mask=mask[:length, :length])
+    x = clip.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    proj = clip.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
+
+
+class SemanticShieldObjective:
+    """The Semantic Shield loss of one batch (see :class:`SemanticShield`)."""
+
+    def __init__(self, params: "SemanticShield.Params") -> None:
+        self.p = params
+        v = params.variant
+        self.use_attn = v in ("attn", "weighted_attn", "weighted_ke")
+        self.weight_clip = v in ("weighted_attn", "weighted_ke")
+        self.weight_ke = v == "weighted_ke"
+
+    def terms(self, model, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Each loss term (unweighted by its lambda) and the logs of one batch."""
+        p = self.p
+        if batch.knowledge is None:
+            raise RuntimeError("semantic_shield needs knowledge elements on the batch (prepare_data attaches them)")
+        want_attn = self.use_attn and p.lambda_attn > 0
+        out = model.image_outputs(batch.images, patches=True, attention=want_attn)
+        # Unique KE strings, encoded once, in the same text pass as the captions.
+        uniq: dict[str, int] = {}
+        rows = [[uniq.setdefault(ke, len(uniq)) for ke in kes] for kes in batch.knowledge]
+        b = len(rows)
+        device = batch.tokens.device
+        ke_index = torch.tensor(rows, dtype=torch.long, device=device)
+        ke_tokens = model.tokenize(list(uniq)).to(device)
+        joint = p.text_pass == "joint" or (p.text_pass == "auto" and device.type == "cuda")
+        if joint:  # one launch: best on GPU
+            text = encode_texts(model, torch.cat([batch.tokens, ke_tokens], dim=0))
+            txt, ke_emb = text[:b], text[b:]
+        else:  # fewer FLOPs (KEs are ~6 tokens, captions ~16): best on CPU
+            txt, ke_emb = encode_texts(model, batch.tokens), encode_texts(model, ke_tokens)
+
+        s_all = L.alignment(out.patches, ke_emb)  # (B, M, U)
+        s_own = L.own_alignment(s_all, ke_index)  # (B, M, K)
+        terms: dict[str, torch.Tensor] = {}
+        logs: dict[str, float] = {}
+
+        w, raw = L.pair_weights(s_own, p.weight_temperature)
+        logs["align"] = float(raw.mean())
+        if self.weight_clip:
+            terms["clip"] = (w * per_pair_clip_loss(out.embedding.float(), txt.float(), model.logit_scale)).mean()
+            logs["w_min"], logs["w_max"] = float(w.min()), float(w.max())
+        else:
+            terms["clip"] = clip_loss(out.embedding.float(), txt.float(), model.logit_scale)
+        if p.lambda_ke > 0:
+            z = L.mil_scores(s_all, ke_index)
+            ignore = L.shared_ke_mask(ke_index) if p.mask_shared else None
+            terms["ke"] = L.ke_loss(z, p.ke_scale, ignore, w if self.weight_ke else None)
+        if want_attn:
+            terms["attn"] = L.attention_loss(out.attention, L.attention_target(s_own, p.tau), p.attn_loss)
+        for name, value in terms.items():
+            logs[name] = float(value.detach())
+        return terms, logs
+
+    def __call__(self, model, batch: Batch) -> LossOutput:
+        terms, logs = self.terms(model, batch)
+        lam = {"clip": 1.0, "ke": self.p.lambda_ke, "attn": self.p.lambda_attn}
+        loss = sum(lam[name] * value for name, value in terms.items())
+        return LossOutput(loss, logs)
+
+
+@register_defense("semantic_shield")
+class SemanticShield(Defense):
+    """Knowledge elements from a language model ground patches; ungrounded pairs are down-weighted."""
+
+    paper = "Ishmam & Thomas, Semantic Shield, CVPR 2024"
+    needs = frozenset({"patches", "attention"})
+
+    @dataclass(frozen=True)
+    class Params:
+        variant: str = param("weighted_ke", "ke | attn | weighted_attn (paper rows, cumulative) | weighted_ke (improved)",
+                             choices=VARIANTS)
+        lambda_ke: float = param(0.1, "weight of the knowledge-element (MIL) loss", lo=0.0)
+        lambda_attn: float = param(0.1, "weight of the attention loss (1.0 recommended for warp triggers)", lo=0.0)
+        attn_loss: str = param("kl", "kl (default) or bce (as in the released code)", choices=("kl", "bce"))
+        tau: float = param(0.1, "temperature of the attention target softmax over patches", lo=0.0, lo_open=True)
+        ke_scale: float = param(1.0, "logit scale applied to the cosine MIL scores in the BCE", lo=0.0, lo_open=True)
+        mask_shared: bool = param(True, "ignore negatives that share a KE with the positive caption")
+        weight_temperature: float = param(1.0, "softmax temperature of the standardised pair weights", lo=0.0,
+                                          lo_open=True)
+        text_pass: str = param("auto", "encode KEs with the captions in one text pass (joint), in a second short "
+                               "pass (separate), or auto (joint on CUDA, separate on CPU)",
+                               choices=("auto", "joint", "separate"))
+        knowledge: str = param("default", "knowledge source: default (the dataset's) or a registered name "
+                               "(synthetic, llm, file, lexicon)")
+        knowledge_model: str = param("", "llm source: hub id or local folder")
+        knowledge_path: str = param("", "file source: JSONL path")
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        from shieldbench.registry import KNOWLEDGE
+
+        if self.params.knowledge != "default" and self.params.knowledge not in KNOWLEDGE:
+            raise UserError(KNOWLEDGE.unknown_message(self.params.knowledge))
+
+    def knowledge_source(self, ctx: DefenseContext):
+        p = self.params
+        if p.knowledge == "default":
+            if ctx.knowledge_source is None:
+                raise UserError("semantic_shield: this dataset has no default knowledge source; set "
+                                "defense.knowledge=llm|file|lexicon")
+            return ctx.knowledge_source
+        from shieldbench.knowledge import make_knowledge_source
+
+        return make_knowledge_source(p.knowledge, k=ctx.knowledge_k, cache_dir=ctx.cache_dir or None,
+                                     model=p.knowledge_model, path=p.knowledge_path)
+
+    def prepare_data(self, data: TrainView, ctx: DefenseContext) -> TrainView:
+        """Attach exactly ``knowledge_k`` KEs per caption, from the caption text alone."""
+        source = self.knowledge_source(ctx)
+        knowledge = [tuple(k) for k in source(data.captions)]
+        k = ctx.knowledge_k
+        bad = [i for i, kes in enumerate(knowledge) if len(kes) != k]
+        if bad:
+            raise RuntimeError(f"knowledge source returned {len(knowledge[bad[0]])} elements for caption "
+                               f"{data.caption(bad[0])!r}; exactly {k} are required")
+        return data.with_knowledge(knowledge)
+
+    def objective(self, ctx: DefenseContext) -> SemanticShieldObjective:
+        return SemanticShieldObjective(self.params)

@@ -1,0 +1,105 @@
+"""Semantic Shield's loss terms as pure functions of tensors (unit-testable).
+
+Notation: ``P`` patches (B, M, D) and ``E`` knowledge-element embeddings
+(U, D) in the joint space; ``ke_index`` (B, K) maps each caption's K KEs to
+rows of ``E`` (unique KE strings are encoded once per batch). Everything is
+computed in float32 on L2-normalised vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def alignment(patches: torch.Tensor, ke_emb: torch.Tensor) -> torch.Tensor:
+    """S over all unique KEs: (B, M, U) cosine similarities patch x KE."""
+    p = F.normalize(patches.float(), dim=-1)
+    e = F.normalize(ke_emb.float(), dim=-1)
+    return torch.einsum("bmd,ud->bmu", p, e)
+
+
+def own_alignment(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
+    """S_{i,m,k} = cos(p_{i,m}, e_{i,k}) for each pair's own KEs: (B, M, K)."""
+    b, m, _ = s_all.shape
+    idx = ke_index.to(s_all.device)[:, None, :].expand(b, m, ke_index.shape[1])
+    return torch.gather(s_all, 2, idx)
+
+
+def mil_scores(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
+    """z_{ij} = max over patches m of image i and KEs k of caption j of S: (B, B).
+
+    The diagonal holds each image's score against its own KE set (positives),
+    the rest against the other captions' KE sets in the batch (negatives).
+    """
+    best = s_all.amax(dim=1)  # (B, U): best patch of image i for each KE
+    b, k = ke_index.shape
+    idx = ke_index.to(s_all.device).reshape(1, b * k).expand(best.shape[0], b * k)
+    return torch.gather(best, 1, idx).view(best.shape[0], b, k).amax(dim=2)
+
+
+def shared_ke_mask(ke_index: torch.Tensor) -> torch.Tensor:
+    """(B, B) True where captions i != j share at least one KE (ambiguous negatives)."""
+    b, _ = ke_index.shape
+    same = (ke_index[:, None, :, None] == ke_index[None, :, None, :]).any(dim=(-1, -2))
+    return same & ~torch.eye(b, dtype=torch.bool, device=ke_index.device)
+
+
+def ke_loss(z: torch.Tensor, scale: float = 1.0, ignore: torch.Tensor | None = None,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE-with-logits on the MIL scores, y = identity; per image row, then mean.
+
+    ``ignore`` (B, B) drops entries (shared-KE negatives); ``weight`` (B,)
+    multiplies each image's row loss (the per-pair weights, already detached).
+    Positives and negatives are balanced within a row (the positive counts
+    as much as the mean of the negatives), so the loss does not reduce to
+    "push every score down" as the batch grows.
+    """
+    b = z.shape[0]
+    y = torch.eye(b, device=z.device, dtype=z.dtype)
+    bce = F.binary_cross_entropy_with_logits(z * scale, y, reduction="none")
+    keep = torch.ones_like(bce, dtype=torch.bool) if ignore is None else ~ignore
+    neg = keep & (y == 0)
+    pos_term = bce.diagonal()
+    neg_term = (bce * neg).sum(dim=1) / neg.sum(dim=1).clamp_min(1)
+    row = 0.5 * (pos_term + neg_term)
+    if weight is not None:
+        row = row * weight
+    return row.mean()
+
+
+def attention_target(s_own: torch.Tensor, tau: float) -> torch.Tensor:
+    """softmax over patches of max_k S / tau: where the KEs say the evidence is. (B, M)."""
+    return torch.softmax(s_own.amax(dim=2) / tau, dim=1)
+
+
+def attention_loss(attn: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """Push the CLS->patch attention (B, heads, M) toward ``target`` (B, M).
+
+    ``kl``: KL(target || a) with ``a`` the head-mean attention renormalised
+    over patches (the CLS->CLS weight is excluded); ``bce``: the released
+    code's BCE-with-logits(a, target) on the raw head-mean attention.
+    """
+    a = attn.float().mean(dim=1)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(a, target)
+    if kind != "kl":
+        raise ValueError(f"unknown attention loss {kind!r}")
+    a = a / a.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return (target * (target.clamp_min(1e-12).log() - a.clamp_min(1e-12).log())).sum(dim=1).mean()
+
+
+def pair_weights(s_own: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair weights from KE grounding, stop-gradient: (w (B,), raw (B,)).
+
+    raw_i = mean over patches of max over own KEs of S; standardised within the
+    batch, softmax at ``temperature``, times B (mean weight 1). Computed under
+    ``no_grad`` so the model cannot raise its own weight.
+    """
+    with torch.no_grad():
+        raw = s_own.detach().float().amax(dim=2).mean(dim=1)
+        b = raw.shape[0]
+        std = raw.std(unbiased=False) if b > 1 else raw.new_tensor(0.0)
+        z = (raw - raw.mean()) / (std + 1e-6)
+        w = torch.softmax(z / temperature, dim=0) * b
+    return w, raw

@@ -1,0 +1,246 @@
+"""Semantic Shield: each loss term by hand, gradients, stop-gradient weights, exactly-k KEs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shieldbench.data.synthetic import knowledge_from_caption
+from shieldbench.data.views import TrainView
+from shieldbench.defenses.base import DefenseContext
+from shieldbench.defenses.semantic_shield import SemanticShield
+from shieldbench.defenses.semantic_shield import losses as L
+from shieldbench.defenses.semantic_shield.defense import encode_texts
+from shieldbench.errors import UserError
+from shieldbench.knowledge import knowledge_source_for
+from shieldbench.registry import DEFENSES
+from shieldbench.spec import DataSpec, DefenseSpec, TrainSpec
+from shieldbench.training.contracts import Batch
+from shieldbench.training.losses import per_pair_clip_loss
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+# -- hand-computed terms ---------------------------------------------------------------------
+
+S_ALL = torch.tensor([
+    [[0.1, 0.5, -0.2, 0.0], [0.3, 0.0, 0.4, -0.5]],
+    [[0.2, -0.1, 0.6, 0.1], [0.0, 0.7, 0.1, 0.2]],
+])  # (B=2, M=2, U=4)
+KE_INDEX = torch.tensor([[0, 1], [2, 3]])  # caption 0: KEs 0,1; caption 1: KEs 2,3
+
+
+def test_alignment_is_cosine():
+    p = torch.tensor([[[3.0, 4.0], [0.0, 2.0]]])
+    e = torch.tensor([[1.0, 0.0], [0.0, -5.0]])
+    s = L.alignment(p, e)
+    assert torch.allclose(s, torch.tensor([[[0.6, -0.8], [0.0, -1.0]]]))
+
+
+def test_mil_scores_by_hand():
+    # best patch per KE: image 0 -> [0.3, 0.5, 0.4, 0.0], image 1 -> [0.2, 0.7, 0.6, 0.2]
+    z = L.mil_scores(S_ALL, KE_INDEX)
+    assert torch.allclose(z, torch.tensor([[0.5, 0.4], [0.7, 0.6]]))
+    own = L.own_alignment(S_ALL, KE_INDEX)
+    assert torch.allclose(own[1], torch.tensor([[0.6, 0.1], [0.1, 0.2]]))
+
+
+def test_ke_loss_by_hand():
+    z = torch.tensor([[0.5, 0.4], [0.7, 0.6]])
+    row0 = 0.5 * (softplus(-0.5) + softplus(0.4))
+    row1 = 0.5 * (softplus(-0.6) + softplus(0.7))
+    assert L.ke_loss(z).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    # scale multiplies the logits; weights multiply the rows
+    assert L.ke_loss(z, scale=2.0).item() == pytest.approx(
+        (0.5 * (softplus(-1.0) + softplus(0.8)) + 0.5 * (softplus(-1.2) + softplus(1.4))) / 2, rel=1e-6)
+    w = torch.tensor([0.5, 1.5])
+    assert L.ke_loss(z, weight=w).item() == pytest.approx((0.5 * row0 + 1.5 * row1) / 2, rel=1e-6)
+    # an ignored negative leaves only the positive (balanced: the empty negative mean is 0)
+    ignore = torch.tensor([[False, True], [True, False]])
+    assert L.ke_loss(z, ignore=ignore).item() == pytest.approx(0.25 * (softplus(-0.5) + softplus(-0.6)), rel=1e-6)
+
+
+def test_shared_ke_mask():
+    idx = torch.tensor([[0, 1], [1, 2], [3, 4]])
+    m = L.shared_ke_mask(idx)
+    assert m.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
+
+
+def test_attention_kl_and_bce_by_hand():
+    attn = torch.tensor([[[0.2, 0.6], [0.4, 0.4]]])  # (B=1, heads=2, M=2): head mean [0.3, 0.5]
+    s_own = torch.tensor([[[0.1], [0.3]]])  # (B=1, M=2, K=1)
+    t = L.attention_target(s_own, tau=0.1)
+    t1 = math.exp(3) / (math.exp(1) + math.exp(3))
+    assert torch.allclose(t, torch.tensor([[1 - t1, t1]]), atol=1e-6)
+    a = [0.375, 0.625]
+    kl = (1 - t1) * math.log((1 - t1) / a[0]) + t1 * math.log(t1 / a[1])
+    assert L.attention_loss(attn, t, "kl").item() == pytest.approx(kl, rel=1e-5)
+    bce = 0.5 * ((softplus(0.3) - (1 - t1) * 0.3) + (softplus(0.5) - t1 * 0.5))
+    assert L.attention_loss(attn, t, "bce").item() == pytest.approx(bce, rel=1e-5)
+
+
+def test_pair_weights_by_hand_and_stop_gradient():
+    raw = [0.1, 0.2, 0.6]
+    # own alignment whose mean_m max_k is raw (M=2, K=2)
+    s_own = torch.tensor([[[r, r - 1], [r, -1.0]] for r in raw], requires_grad=True)
+    w, got_raw = L.pair_weights(s_own)
+    mean = sum(raw) / 3
+    std = math.sqrt(sum((r - mean) ** 2 for r in raw) / 3)
+    e = [math.exp((r - mean) / (std + 1e-6)) for r in raw]
+    assert torch.allclose(got_raw, torch.tensor(raw), atol=1e-6)
+    assert torch.allclose(w, torch.tensor([3 * x / sum(e) for x in e]), atol=1e-5)
+    assert w.sum().item() == pytest.approx(3.0, rel=1e-6)
+    assert not w.requires_grad
+    per_pair = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    (w * per_pair).mean().backward()
+    assert s_own.grad is None  # nothing flows into the alignment through the weights
+    assert torch.allclose(per_pair.grad, w / 3)
+
+
+# -- through the model -------------------------------------------------------------------------
+
+CAPTIONS = [
+    "a red banana on a dark background", "a photo of a kite.", "a large blue donut with a hole in the middle",
+    "a green tent near the top", "a small white star on a striped background", "a cross with crossing arms",
+]
+
+
+@pytest.fixture()
+def model_and_batch():
+    from shieldbench.models.factory import build_model
+
+    torch.manual_seed(0)
+    model = build_model("micro-vit", "", 32).train()
+    knowledge = [knowledge_from_caption(c, 3) for c in CAPTIONS]
+    batch = Batch(images=torch.rand(len(CAPTIONS), 3, 32, 32), captions=CAPTIONS,
+                  tokens=model.tokenize(CAPTIONS), index=torch.arange(len(CAPTIONS)), knowledge=knowledge)
+    return model, batch
+
+
+def _objective(**options):
+    return SemanticShield(DefenseSpec("semantic_shield", options)).objective(None)
+
+
+def _grad_norms(model):
+    vis = sum(float(p.grad.abs().sum()) for p in model.clip.visual.parameters() if p.grad is not None)
+    txt = sum(float(p.grad.abs().sum()) for n, p in model.clip.named_parameters()
+              if not n.startswith("visual.") and n != "logit_scale" and p.grad is not None)
+    return vis, txt
+
+
+@pytest.mark.parametrize("term", ["clip", "ke", "attn"])
+@pytest.mark.parametrize("attn_loss", ["kl", "bce"])
+def test_every_term_reaches_both_towers(model_and_batch, term, attn_loss):
+    model, batch = model_and_batch
+    terms, logs = _objective(variant="weighted_ke", attn_loss=attn_loss).terms(model, batch)
+    assert set(terms) == {"clip", "ke", "attn"} and set(terms) <= set(logs)
+    model.zero_grad(set_to_none=True)
+    terms[term].backward()
+    vis, txt = _grad_norms(model)
+    assert vis > 0 and txt > 0, (term, vis, txt)
+
+
+def test_variants_select_terms_and_log_them(model_and_batch):
+    model, batch = model_and_batch
+    want = {"ke": {"clip", "ke"}, "attn": {"clip", "ke", "attn"}, "weighted_attn": {"clip", "ke", "attn"},
+            "weighted_ke": {"clip", "ke", "attn"}}
+    for variant, names in want.items():
+        obj = _objective(variant=variant)
+        out = obj(model, batch)
+        assert names <= set(out.logs) and torch.isfinite(out.loss)
+        assert ("w_min" in out.logs) == variant.startswith("weighted")
+    assert "attn" not in _objective(variant="attn", lambda_attn=0.0)(model, batch).logs
+
+
+def test_weighted_clip_term_uses_stop_gradient_weights(model_and_batch):
+    model, batch = model_and_batch
+    obj = _objective(variant="weighted_attn", lambda_ke=0.0, lambda_attn=0.0)
+    model.zero_grad(set_to_none=True)
+    obj(model, batch).loss.backward()
+    got = {n: p.grad.clone() for n, p in model.clip.named_parameters() if p.grad is not None}
+
+    # The same loss with the weights computed separately and frozen as constants.
+    model.zero_grad(set_to_none=True)
+    out = model.image_outputs(batch.images, patches=True)
+    uniq = list(dict.fromkeys(k for ks in batch.knowledge for k in ks))
+    idx = torch.tensor([[uniq.index(k) for k in ks] for ks in batch.knowledge])
+    with torch.no_grad():
+        s_own = L.own_alignment(L.alignment(out.patches, model.encode_captions(uniq)), idx)
+        w_const, _ = L.pair_weights(s_own)
+    txt = model.encode_text(batch.tokens)
+    (w_const * per_pair_clip_loss(out.embedding, txt, model.logit_scale)).mean().backward()
+    for n, p in model.clip.named_parameters():
+        if n in got:
+            assert torch.allclose(got[n], p.grad, atol=1e-5, rtol=1e-4), n
+    # Patch tokens only enter through the weights: the patch projection path gets no gradient
+    # beyond what the pooled embedding gives it (identical grads above prove it).
+
+
+def test_encode_texts_matches_open_clip(model_and_batch):
+    model, batch = model_and_batch
+    toks = model.tokenize(CAPTIONS + ["curved body"])
+    assert torch.allclose(encode_texts(model, toks), model.encode_text(toks), atol=1e-5)
+
+
+# -- data preparation ----------------------------------------------------------------------------
+
+def _ctx(k=3, source=None):
+    src = source if source is not None else knowledge_source_for(DataSpec(knowledge_k=k))
+    return DefenseContext(seed=0, train=TrainSpec(), device=torch.device("cpu"), knowledge_k=k, knowledge_source=src)
+
+
+def test_prepare_data_attaches_exactly_k_from_caption_text():
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)  # the images say nothing; only text is read
+    caps = ["a photo of a banana.", "a red kite on the left", "a photo of a banana."]
+    view = TrainView(images, caps, knowledge=[("stale",)] * 3)  # stale knowledge is replaced
+    for k in (1, 3, 5):
+        out = SemanticShield(DefenseSpec("semantic_shield")).prepare_data(view, _ctx(k))
+        assert all(len(kes) == k for kes in out.knowledge)
+        # a "poisoned" pair gets its (poisoned) caption's KEs, identical for the same text
+        assert out.knowledge[0] == knowledge_from_caption(caps[0], k) == out.knowledge[2]
+        assert out.captions == caps and torch.equal(out.uint8_images([0, 1, 2]), images)
+
+
+def test_prepare_data_rejects_wrong_k_and_missing_source():
+    view = TrainView(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ["a", "b"])
+    bad = lambda caps: [("x", "y")] * len(caps)  # noqa: E731
+    with pytest.raises(RuntimeError, match="exactly 3"):
+        SemanticShield(DefenseSpec("semantic_shield")).prepare_data(view, _ctx(3, bad))
+    ctx = DefenseContext(seed=0, train=TrainSpec(), device=torch.device("cpu"))
+    with pytest.raises(UserError, match="no default knowledge source"):
+        SemanticShield(DefenseSpec("semantic_shield")).prepare_data(view, ctx)
+    out = SemanticShield(DefenseSpec("semantic_shield", {"knowledge": "lexicon"})).prepare_data(
+        TrainView(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), ["a red kite"]), ctx)
+    assert out.knowledge[0][0] == "red kite"
+
+
+def test_registered_training_time_only_and_options_validated():
+    cls = DEFENSES.get("semantic_shield")
+    assert cls is SemanticShield and cls.trains() and not cls.repairs()
+    assert {"patches", "attention"} <= cls.needs
+    with pytest.raises(UserError, match="variant"):
+        cls(DefenseSpec("semantic_shield", {"variant": "nope"}))
+    with pytest.raises(UserError, match="unknown knowledge"):
+        cls(DefenseSpec("semantic_shield", {"knowledge": "nope"}))
+
+
+def test_joint_and_separate_text_pass_agree(model_and_batch):
+    model, batch = model_and_batch
+    a = _objective(text_pass="joint")(model, batch).loss
+    b = _objective(text_pass="separate")(model, batch).loss
+    assert a.item() == pytest.approx(b.item(), rel=1e-4)
+
+
+def test_resnet_tower_works(model_and_batch):
+    from shieldbench.models.factory import build_model
+
+    _, batch = model_and_batch
+    model = build_model("tiny-rn", "", 32).train()
+    batch.tokens = model.tokenize(batch.captions)
+    out = _objective()(model, batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and {"clip", "ke", "attn"} <= set(out.logs)
