@@ -9,8 +9,8 @@ The wrapper owns what every other module needs to agree on:
   the same captions are tokenised every epoch;
 - **extra outputs on request**: patch tokens projected into the joint space
   and the last block's CLS->patch attention (needed by Semantic Shield). ViT
-  towers are built with ``output_tokens=True`` (the tokens are computed
-  anyway, so this costs nothing); the attention hooks, which force the slow
+  towers return their tokens for the duration of a call that asks (they are
+  computed anyway, so this costs nothing); the attention hooks, which force the slow
   non-fused attention path, are installed only for a call that asks for them.
 """
 
@@ -62,9 +62,6 @@ class ClipModel(nn.Module):
         self._token_cache: dict[str, torch.Tensor] = {}
         visual = clip.visual
         self.is_vit = hasattr(visual, "transformer") and hasattr(visual, "class_embedding")
-        if self.is_vit:
-            # Tokens are produced by the forward pass anyway; keeping them is free.
-            visual.output_tokens = True
 
     # -- text ------------------------------------------------------------------
     @property
@@ -102,8 +99,14 @@ class ClipModel(nn.Module):
             if patches or attention:
                 return self._resnet_outputs(x, patches, attention)
             return ImageOutput(visual(x))
-        with self._attention_capture(attention) as store:
-            pooled, tokens = visual(x)
+        # The tower computes its tokens anyway; asking it to return them is free.
+        # The flag is set per call so that open_clip's own API keeps its contract.
+        visual.output_tokens = True
+        try:
+            with self._attention_capture(attention) as store:
+                pooled, tokens = visual(x)
+        finally:
+            visual.output_tokens = False
         proj_patches = None
         if patches:
             proj_patches = tokens @ visual.proj if visual.proj is not None else tokens
