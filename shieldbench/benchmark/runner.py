@@ -153,7 +153,9 @@ def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
             raise UserError(f"corrupt poison plan {rc.store.json_path('plans', key, 'plan.json')}: {exc}") from exc
         attack.restore(plan)
         return plan, True
-    plan = attack.plan(derive_seed(spec.seed, "attack", spec.attack.name))
+    # Not keyed by the attack name: `none` and `badnets` with one seed share the
+    # trigger pattern, so the control row measures the very trigger BadNets uses.
+    plan = attack.plan(derive_seed(spec.seed, "attack"))
     rc.store.save_json("plans", key, "plan.json", plan.to_dict())
     return plan, False
 
