@@ -63,6 +63,26 @@ def run(spec: ExperimentSpec, results_dir: str | Path = "results", console: Cons
     return record
 
 
+def run_grid(base: ExperimentSpec, attacks: list[str], defenses: list[str], seeds: list[int],
+             results_dir: str | Path = "results", console: Console | None = None,
+             show_progress: bool = True) -> list[dict[str, Any]]:
+    """Every attack x defense x seed cell; finished cells are reused, not retrained."""
+    from shieldbench.benchmark.grid import expand
+    from shieldbench.benchmark.grid import run_grid as _run_grid
+
+    cells = expand(base, attacks, defenses, seeds)
+    for cell in cells:
+        validate_names(cell)
+    return _run_grid(cells, results_dir, console=console, show_progress=show_progress)
+
+
+def write_report(results_dir: str | Path = "results") -> Path:
+    from shieldbench.benchmark.plots import write_report as _write
+
+    read_leaderboard(results_dir)  # one clear line if there is none
+    return _write(results_dir)
+
+
 def rebuild_leaderboard(results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.DataFrame]:
     return leaderboard.rebuild(results_dir)
 

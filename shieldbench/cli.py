@@ -29,6 +29,9 @@ out = Console()
 err = Console(stderr=True)
 
 
+DEFAULT_METRICS = "clean_top1,asr,asr_before_repair,hit@1,i2t_R@1,poison_success,cost_train_s"
+
+
 def fail(message: str) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -128,6 +131,73 @@ def run(
         raise typer.Exit(1)
 
 
+def _names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"--{what}: give at least one name, comma-separated")
+    return names
+
+
+@app.command()
+def grid(
+    attacks: str = typer.Option("none,badnets", "--attacks", help="comma-separated attack names"),
+    defenses: str = typer.Option("none", "--defenses", help="comma-separated defense names"),
+    seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="model name (default: the preset's)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke | small (default small)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML experiment file"),
+    set_: list[str] = typer.Option([], "--set", help="override applied to every cell"),
+    plugin: list[str] = typer.Option([], "--plugin", help="import a module that registers plugins"),
+    results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Run every attack x defense x seed cell, then write the leaderboard and report.
+
+    Finished cells are reused (re-running a grid after a crash resumes it), the
+    clean base model is trained once, and post-training defenses (CleanCLIP)
+    repair the `none` cell's checkpoint instead of retraining.
+
+    Examples:
+
+      shieldbench grid --attacks badnets,blended --defenses none,semantic_shield --seeds 0,1,2
+
+      shieldbench grid --preset smoke --attacks none,badnets --defenses none
+    """
+    from shieldbench import api
+
+    api.load_plugins(plugin)
+    try:
+        seed_list = [int(s) for s in _names(seeds, "seeds")]
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    base = api.make_spec(model=model, preset=preset, config=config, overrides=set_)
+    records = api.run_grid(base, _names(attacks, "attacks"), _names(defenses, "defenses"), seed_list,
+                           results, console=err, show_progress=not quiet)
+    failed = [r for r in records if r["status"] != "ok"]
+    report = api.write_report(results)
+    out.print(f"{len(records) - len(failed)} of {len(records)} cells ok; leaderboard: {results / 'leaderboard.csv'}; report: {report}")
+    leaderboard(results=results, metrics=DEFAULT_METRICS, rebuild=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
+) -> None:
+    """Write results/report/index.html with the ASR heatmap and the CA-vs-ASR plot.
+
+    Examples:
+
+      shieldbench report -o results
+    """
+    from shieldbench import api
+
+    if (results / "runs").is_dir():
+        api.rebuild_leaderboard(results)
+    out.print(f"report: {api.write_report(results)}")
+
+
 @app.command("list")
 def list_cmd(
     kind: str = typer.Argument("attacks", help="attacks | defenses | models | datasets | knowledge"),
@@ -176,7 +246,7 @@ def list_cmd(
 @app.command()
 def leaderboard(
     results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
-    metrics: str = typer.Option("clean_top1,asr,hit@1,i2t_R@1,poison_success,train_s", help="comma-separated metrics"),
+    metrics: str = typer.Option(DEFAULT_METRICS, help="comma-separated metrics"),
     rebuild: bool = typer.Option(True, help="rebuild the CSVs from the records first"),
 ) -> None:
     """Show the leaderboard (mean +- std over seeds) as a table.

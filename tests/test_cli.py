@@ -73,6 +73,19 @@ def test_list_and_help():
     assert "tiny-vit" in sb("list", "models").stdout
     line = one_error_line(sb("list", "gadgets"))
     assert "unknown kind 'gadgets'" in line
-    for cmd in ("run", "list", "leaderboard"):
+    for cmd in ("run", "grid", "report", "list", "leaderboard"):
         h = sb(cmd, "--help")
         assert h.returncode == 0 and "Examples" in h.stdout
+
+
+def test_grid_writes_report_and_resumes(tmp_path):
+    args = ("grid", "--preset", "smoke", "--attacks", "badnets", "--defenses", "none", "-q", "-o", "res")
+    first = sb(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "1 of 1 cells ok" in first.stdout
+    for name in ("index.html", "asr_heatmap.png", "tradeoff.png"):
+        assert (tmp_path / "res" / "report" / name).is_file()
+    again = sb(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "finished: reusing its record" in again.stderr
+    line = one_error_line(sb("grid", "--seeds", "a,b", cwd=tmp_path))
+    assert "--seeds" in line
