@@ -101,7 +101,7 @@ class CleanCLIP(Defense):
     class Params:
         l1: float = param(1.0, "weight of the CLIP (cross-modal) loss", lo=0)
         l2: float = param(1.0, "weight of the in-modal self-supervised loss (higher: lower ASR, some CA)", lo=0)
-        epochs: int = param(10, "fine-tuning epochs over the clean subset", lo=1, hi=10000)
+        epochs: int = param(10, "fine-tuning epochs over the clean subset (paper: 10)", lo=1, hi=10000)
         batch_size: int = param(64, "pairs per batch (each also contributes its augmented views)", lo=2, hi=65536)
         lr: float = param(0.0, "learning rate; 0 = lr_scale x the victim's training LR (train.lr)", lo=0, hi=1)
         lr_scale: float = param(1.0, "LR as a multiple of train.lr when lr = 0", lo=0, hi=100, lo_open=True)

@@ -129,7 +129,7 @@ class SemanticShield(Defense):
         lambda_attn: float = param(0.1, "weight of the attention loss (1.0 recommended for warp triggers)", lo=0.0)
         attn_loss: str = param("kl", "kl (default) or bce (as in the released code)", choices=("kl", "bce"))
         tau: float = param(0.1, "temperature of the attention target softmax over patches", lo=0.0, lo_open=True)
-        ke_scale: float = param(1.0, "logit scale applied to the cosine MIL scores in the BCE", lo=0.0, lo_open=True)
+        ke_scale: float = param(10.0, "logit scale on the cosine MIL scores in the BCE (1 leaves the loss stuck at ln 2)", lo=0.0, lo_open=True)
         mask_shared: bool = param(True, "ignore negatives that share a KE with the positive caption")
         weight_temperature: float = param(1.0, "softmax temperature of the standardised pair weights", lo=0.0,
                                           lo_open=True)
