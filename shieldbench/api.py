@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,7 +19,8 @@ from shieldbench.benchmark.runner import run_cell
 from shieldbench.errors import UserError
 from shieldbench.fileio import read_json
 from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KINDS, MODELS, load_plugin
-from shieldbench.spec import ExperimentSpec, build_spec, describe_params, merge_tree, parse_overrides
+from shieldbench.spec import (ExperimentSpec, build_spec, describe_params, merge_tree, parse_overrides,
+                              validate_options)
 
 
 def load_plugins(modules: Iterable[str]) -> None:
@@ -28,31 +30,39 @@ def load_plugins(modules: Iterable[str]) -> None:
 
 def make_spec(attack: str | None = None, defense: str | None = None, model: str | None = None,
               dataset: str | None = None, preset: str | None = None, config: str | Path | None = None,
-              seed: int | None = None, overrides: list[str] | None = None) -> ExperimentSpec:
-    """Preset -> config file -> --set overrides -> explicit arguments; names checked."""
+              seed: int | None = None, overrides: list[str] | None = None,
+              resolved: bool = True) -> ExperimentSpec:
+    """Preset -> config file -> --set overrides -> explicit arguments; names checked.
+
+    The returned spec holds every attack and defense parameter *resolved* (the
+    plugin's defaults filled in), so its hash, and every cache key derived from
+    it, changes when a default changes: an old result is never silently reused.
+    """
     tree = parse_overrides(overrides or [])
     for key, value in (("attack.name", attack), ("defense.name", defense), ("model.name", model),
                        ("data.dataset", dataset), ("seed", seed)):
         if value is not None:
             merge_tree(tree, key, value)
     spec = build_spec(preset, config, tree)
-    validate_names(spec)
-    return spec
+    return resolve(spec) if resolved else spec
 
 
-def validate_names(spec: ExperimentSpec) -> None:
-    """Unknown plugin names and options fail before any work starts."""
-    from shieldbench.models.factory import build_model  # noqa: F401  (model names checked at build)
+def resolve(spec: ExperimentSpec) -> ExperimentSpec:
+    """Check every plugin name and fill in the plugins' default parameters."""
     import open_clip
 
-    ATTACKS.get(spec.attack.name)
-    DEFENSES.get(spec.defense.name)(spec.defense)  # validates defense options
+    attack_cls = ATTACKS.get(spec.attack.name)
+    defense_cls = DEFENSES.get(spec.defense.name)
     DATASETS.get(spec.data.dataset)
     if spec.model.name not in MODELS and spec.model.name not in open_clip.list_models():
         raise UserError(MODELS.unknown_message(spec.model.name) + ", or any open_clip architecture")
-    from shieldbench.spec import validate_options
+    attack_opts = asdict(validate_options(attack_cls.Params, spec.attack.options, "attack"))
+    defense_opts = asdict(defense_cls(spec.defense).params)
+    return replace(spec, attack=replace(spec.attack, options=attack_opts),
+                   defense=replace(spec.defense, options=defense_opts))
 
-    validate_options(ATTACKS.get(spec.attack.name).Params, spec.attack.options, "attack")
+
+validate_names = resolve  # backwards-compatible name
 
 
 def run(spec: ExperimentSpec, results_dir: str | Path = "results", console: Console | None = None,
@@ -70,9 +80,7 @@ def run_grid(base: ExperimentSpec, attacks: list[str], defenses: list[str], seed
     from shieldbench.benchmark.grid import expand
     from shieldbench.benchmark.grid import run_grid as _run_grid
 
-    cells = expand(base, attacks, defenses, seeds)
-    for cell in cells:
-        validate_names(cell)
+    cells = [resolve(cell) for cell in expand(base, attacks, defenses, seeds)]
     return _run_grid(cells, results_dir, console=console, show_progress=show_progress)
 
 

@@ -170,7 +170,8 @@ def grid(
         seed_list = [int(s) for s in _names(seeds, "seeds")]
     except ValueError:
         raise UserError(f"--seeds {seeds!r}: expected comma-separated integers") from None
-    base = api.make_spec(model=model, preset=preset, config=config, overrides=set_)
+    # Unresolved: each cell fills in its own attack's and defense's defaults.
+    base = api.make_spec(model=model, preset=preset, config=config, overrides=set_, resolved=False)
     records = api.run_grid(base, _names(attacks, "attacks"), _names(defenses, "defenses"), seed_list,
                            results, console=err, show_progress=not quiet)
     failed = [r for r in records if r["status"] != "ok"]
