@@ -90,7 +90,7 @@ class SemanticShieldObjective:
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 
-        w, raw = L.pair_weights(s_own, p.weight_temperature)
+        w, raw = L.pair_weights(s_own, p.weight_temperature, p.weight_form)
         logs["align"] = float(raw.mean())
         if self.weight_clip:
             terms["clip"] = (w * per_pair_clip_loss(out.embedding.float(), txt.float(), model.logit_scale)).mean()
@@ -133,6 +133,8 @@ class SemanticShield(Defense):
         mask_shared: bool = param(True, "ignore negatives that share a KE with the positive caption")
         weight_temperature: float = param(1.0, "softmax temperature of the standardised pair weights", lo=0.0,
                                           lo_open=True)
+        weight_form: str = param("softmax", "pair weights from standardised alignment: softmax (B x softmax) or "
+                                 "sigmoid (bounded gate, rescaled to mean 1)", choices=("softmax", "sigmoid"))
         text_pass: str = param("auto", "encode KEs with the captions in one text pass (joint), in a second short "
                                "pass (separate), or auto (joint on CUDA, separate on CPU)",
                                choices=("auto", "joint", "separate"))

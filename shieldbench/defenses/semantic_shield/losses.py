@@ -89,17 +89,27 @@ def attention_loss(attn: torch.Tensor, target: torch.Tensor, kind: str = "kl") -
     return (target * (target.clamp_min(1e-12).log() - a.clamp_min(1e-12).log())).sum(dim=1).mean()
 
 
-def pair_weights(s_own: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_weights(s_own: torch.Tensor, temperature: float = 1.0, form: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair weights from KE grounding, stop-gradient: (w (B,), raw (B,)).
 
-    raw_i = mean over patches of max over own KEs of S; standardised within the
-    batch, softmax at ``temperature``, times B (mean weight 1). Computed under
-    ``no_grad`` so the model cannot raise its own weight.
+    raw_i = mean over patches of max over own KEs of S, standardised within the
+    batch (z). ``softmax``: w = B * softmax(z / temperature) (unbounded above:
+    a sharp temperature hands the batch to a few pairs). ``sigmoid``:
+    w = sigmoid(z / temperature), rescaled to mean 1: bounded, so a sharp
+    temperature silences poorly grounded pairs without letting the best
+    grounded ones dominate. Computed under ``no_grad`` so the model cannot
+    raise its own weight.
     """
     with torch.no_grad():
         raw = s_own.detach().float().amax(dim=2).mean(dim=1)
         b = raw.shape[0]
         std = raw.std(unbiased=False) if b > 1 else raw.new_tensor(0.0)
         z = (raw - raw.mean()) / (std + 1e-6)
-        w = torch.softmax(z / temperature, dim=0) * b
+        if form == "softmax":
+            w = torch.softmax(z / temperature, dim=0) * b
+        elif form == "sigmoid":
+            g = torch.sigmoid(z / temperature)
+            w = g * (b / g.sum().clamp_min(1e-12))
+        else:
+            raise ValueError(f"unknown weight form {form!r}")
     return w, raw
