@@ -19,7 +19,7 @@ from shieldbench.benchmark.runner import run_cell
 from shieldbench.errors import UserError
 from shieldbench.fileio import read_json
 from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KINDS, MODELS, load_plugin
-from shieldbench.spec import (PRESET_PLUGIN_DEFAULTS, ExperimentSpec, build_spec, describe_params, merge_tree, parse_overrides,
+from shieldbench.spec import (DEFAULT_POISON_RATE, PRESET_PLUGIN_DEFAULTS, ExperimentSpec, build_spec, describe_params, merge_tree, parse_overrides,
                               validate_options)
 
 
@@ -57,7 +57,11 @@ def resolve(spec: ExperimentSpec) -> ExperimentSpec:
     if spec.model.name not in MODELS and spec.model.name not in open_clip.list_models():
         raise UserError(MODELS.unknown_message(spec.model.name) + ", or any open_clip architecture")
     preset = PRESET_PLUGIN_DEFAULTS.get(spec.preset, {})
-    attack_given = {**preset.get("attack", {}).get(spec.attack.name, {}), **spec.attack.options}
+    attack_defaults = dict(preset.get("attack", {}).get(spec.attack.name, {}))
+    rate = attack_defaults.pop("poison_rate", DEFAULT_POISON_RATE)
+    if spec.attack.poison_rate is None:
+        spec = replace(spec, attack=replace(spec.attack, poison_rate=rate))
+    attack_given = {**attack_defaults, **spec.attack.options}
     defense_given = {**preset.get("defense", {}).get(spec.defense.name, {}), **spec.defense.options}
     attack_opts = asdict(validate_options(attack_cls.Params, attack_given, "attack"))
     defense_opts = asdict(defense_cls(replace(spec.defense, options=defense_given)).params)

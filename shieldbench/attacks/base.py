@@ -25,7 +25,7 @@ import torch
 from shieldbench.data.types import LabelledSet, PairSet, to_float
 from shieldbench.data.views import TrainView, quantize
 from shieldbench.errors import UserError
-from shieldbench.spec import AttackSpec, digest, validate_options
+from shieldbench.spec import DEFAULT_POISON_RATE, AttackSpec, digest, validate_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from shieldbench.models.clip import ClipModel
@@ -144,7 +144,8 @@ class Attack(ABC):
     def n_requested(self) -> int:
         if self.spec.n_poison > 0:
             return self.spec.n_poison
-        return int(round(self.spec.poison_rate * len(self.ctx.train)))
+        rate = DEFAULT_POISON_RATE if self.spec.poison_rate is None else self.spec.poison_rate
+        return int(round(rate * len(self.ctx.train)))
 
     def target_captions(self, n: int, rng: np.random.Generator) -> list[str]:
         """``n`` captions naming the target: templates or real captions (caption set)."""

@@ -131,9 +131,9 @@ class SemanticShield(Defense):
         tau: float = param(0.1, "temperature of the attention target softmax over patches", lo=0.0, lo_open=True)
         ke_scale: float = param(10.0, "logit scale on the cosine MIL scores in the BCE (1 leaves the loss stuck at ln 2)", lo=0.0, lo_open=True)
         mask_shared: bool = param(True, "ignore negatives that share a KE with the positive caption")
-        weight_temperature: float = param(1.0, "softmax temperature of the standardised pair weights", lo=0.0,
+        weight_temperature: float = param(0.25, "temperature of the pair weights (sigmoid gate or softmax) over standardised alignment", lo=0.0,
                                           lo_open=True)
-        weight_form: str = param("softmax", "pair weights from standardised alignment: softmax (B x softmax) or "
+        weight_form: str = param("sigmoid", "pair weights from standardised alignment: softmax (B x softmax) or "
                                  "sigmoid (bounded gate, rescaled to mean 1)", choices=("softmax", "sigmoid"))
         text_pass: str = param("auto", "encode KEs with the captions in one text pass (joint), in a second short "
                                "pass (separate), or auto (joint on CUDA, separate on CPU)",
