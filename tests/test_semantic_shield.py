@@ -170,7 +170,7 @@ def test_weighted_clip_term_uses_stop_gradient_weights(model_and_batch):
     idx = torch.tensor([[uniq.index(k) for k in ks] for ks in batch.knowledge])
     with torch.no_grad():
         s_own = L.own_alignment(L.alignment(out.patches, model.encode_captions(uniq)), idx)
-        w_const, _ = L.pair_weights(s_own)
+        w_const, _ = L.pair_weights(s_own, obj.p.weight_temperature, obj.p.weight_form)
     txt = model.encode_text(batch.tokens)
     (w_const * per_pair_clip_loss(out.embedding, txt, model.logit_scale)).mean().backward()
     for n, p in model.clip.named_parameters():
