@@ -69,9 +69,6 @@ def resolve(spec: ExperimentSpec) -> ExperimentSpec:
                    defense=replace(spec.defense, options=defense_opts))
 
 
-validate_names = resolve  # backwards-compatible name
-
-
 def run(spec: ExperimentSpec, results_dir: str | Path = "results", console: Console | None = None,
         show_progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Run one cell, then rebuild the leaderboard from all records."""

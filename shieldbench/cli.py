@@ -32,11 +32,6 @@ err = Console(stderr=True)
 DEFAULT_METRICS = "clean_top1,asr,asr_before_repair,hit@1,i2t_R@1,poison_success,cost_train_s"
 
 
-def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
 def _pct(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"

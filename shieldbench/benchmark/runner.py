@@ -247,7 +247,7 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
             record["reused_record"] = True
             return record
     # Fail on bad names before any work.
-    attack_cls = ATTACKS.get(spec.attack.name)
+    ATTACKS.get(spec.attack.name)
     defense_cls = DEFENSES.get(spec.defense.name)
     defense: Defense = defense_cls(spec.defense)
     rc = RunContext(spec, results_dir, console, show_progress)

@@ -141,10 +141,3 @@ def build_model(name: str, pretrained: str = "", image_size: int = 32) -> ClipMo
     if name in open_clip.list_models():
         return _open_clip_model(name, pretrained, image_size)
     raise UserError(MODELS.unknown_message(name) + ", or any open_clip architecture (see `shieldbench list models --verbose`)")
-
-
-def describe_models() -> dict[str, str]:
-    out = {n: TINY_CONFIGS[n].description for n in TINY_CONFIGS}
-    for n in MODELS.names():
-        out.setdefault(n, (MODELS.get(n).__doc__ or "").strip().splitlines()[0] if MODELS.get(n).__doc__ else "")
-    return out

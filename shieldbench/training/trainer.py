@@ -221,10 +221,4 @@ class Trainer:
         return out
 
 
-def steps_for(n: int, batch_size: int, epochs: int) -> int:
-    """Optimisation steps the trainer will take (drop-last batches)."""
-    bs = min(batch_size, n)
-    return max(1, n // bs) * epochs if n else 0
-
-
-__all__ = ["Trainer", "TrainConfig", "TrainResult", "TrainingDiverged", "pick_device", "steps_for"]
+__all__ = ["Trainer", "TrainConfig", "TrainResult", "TrainingDiverged", "pick_device"]
