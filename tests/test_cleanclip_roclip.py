@@ -170,6 +170,14 @@ def test_roclip_trains_through_the_trainer(smoke_world):
                      callbacks=d.callbacks(ctx), device=torch.device("cpu"), show_progress=False).fit()
     assert [row["matching"] for row in result.history] == [0.0, 1.0]
     assert "match" in result.history[1] and d.training(ctx).pool.total == 32 + 6 * 16
+    # The pool is part of the checkpoint: a restored pool matches exactly like the original.
+    rc = d.training(ctx)
+    other = _roclip(pool_size=32)
+    other.load_state_dict(rc.state_dict())
+    assert (other.pool.ptr, other.pool.count, other.pool.total) == (rc.pool.ptr, rc.pool.count, rc.pool.total)
+    assert other.pool.captions == rc.pool.captions and torch.equal(other.pool.embeddings, rc.pool.embeddings)
+    q = torch.randn(5, rc.pool.embeddings.shape[1])
+    assert torch.equal(other.pool.nearest(q), rc.pool.nearest(q))
 
 
 # -- EDA and image views ---------------------------------------------------------------------

@@ -84,21 +84,72 @@ def test_attention_kl_and_bce_by_hand():
 
 
 def test_pair_weights_by_hand_and_stop_gradient():
-    raw = [0.1, 0.2, 0.6]
-    # own alignment whose mean_m max_k is raw (M=2, K=2)
-    s_own = torch.tensor([[[r, r - 1], [r, -1.0]] for r in raw], requires_grad=True)
-    w, got_raw = L.pair_weights(s_own)
-    mean = sum(raw) / 3
-    std = math.sqrt(sum((r - mean) ** 2 for r in raw) / 3)
-    e = [math.exp((r - mean) / (std + 1e-6)) for r in raw]
-    assert torch.allclose(got_raw, torch.tensor(raw), atol=1e-6)
+    raw = torch.tensor([0.1, 0.2, 0.6], requires_grad=True)
+    w = L.pair_weights(raw)
+    r = raw.tolist()
+    mean = sum(r) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in r) / 3)
+    e = [math.exp((x - mean) / (std + 1e-6)) for x in r]
     assert torch.allclose(w, torch.tensor([3 * x / sum(e) for x in e]), atol=1e-5)
     assert w.sum().item() == pytest.approx(3.0, rel=1e-6)
     assert not w.requires_grad
     per_pair = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     (w * per_pair).mean().backward()
-    assert s_own.grad is None  # nothing flows into the alignment through the weights
+    assert raw.grad is None  # nothing flows into the alignment through the weights
     assert torch.allclose(per_pair.grad, w / 3)
+    # sigmoid gate on unstandardised scores: sigmoid(z / T), rescaled to mean 1
+    z = [-1.0, 0.0, 2.0]
+    g = [1 / (1 + math.exp(-x / 0.5)) for x in z]
+    got = L.pair_weights(torch.tensor(z), 0.5, "sigmoid", standardize=False)
+    assert torch.allclose(got, torch.tensor([3 * x / sum(g) for x in g]), atol=1e-5)
+
+
+def test_grounding_scores_by_hand():
+    # B=3 images, M=2 patches, K=1 KE per caption, U=3 unique KEs (caption j owns KE j).
+    s_all = torch.tensor([
+        [[0.9, 0.1, 0.0], [0.5, 0.3, 0.1]],   # image 0 matches its own KE best
+        [[0.2, 0.1, 0.8], [0.4, 0.3, 0.6]],   # image 1 matches caption 2's KE, not its own
+        [[0.0, 0.0, 0.4], [0.2, 0.2, 0.2]],
+    ], requires_grad=True)
+    ke_index = torch.tensor([[0], [1], [2]])
+    a = L.set_alignment(s_all, ke_index)  # mean over patches
+    want = torch.tensor([[0.7, 0.2, 0.05], [0.3, 0.2, 0.7], [0.1, 0.1, 0.3]])
+    assert torch.allclose(a, want, atol=1e-6)
+    own = L.grounding(s_all, ke_index, "own")
+    assert torch.allclose(own, want.diagonal(), atol=1e-6) and not own.requires_grad
+    c = L.grounding(s_all, ke_index, "contrast")
+    rows = want.tolist()
+    expect = []
+    for i, row in enumerate(rows):
+        m = sum(row) / 3
+        sd = math.sqrt(sum((x - m) ** 2 for x in row) / 3)
+        expect.append((row[i] - m) / (sd + 1e-6))
+    assert torch.allclose(c, torch.tensor(expect), atol=1e-5)
+    assert c[0] > 0 > c[1]  # the mismatched pair scores below its batch, the matched one above
+    # With K=2 the best of the caption's KEs counts (max over k before the mean over patches).
+    ke2 = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    assert L.set_alignment(s_all, ke2)[1, 1].item() == pytest.approx((0.8 + 0.6) / 2)
+    with pytest.raises(ValueError):
+        L.grounding(s_all, ke_index, "nope")
+
+
+def test_weight_memory_first_and_min():
+    first = _objective(weight_memory="first")
+    low = _objective(weight_memory="min")
+    online = _objective()
+    a = first.remember(torch.tensor([0, 3]), torch.tensor([0.5, -1.0]))
+    assert a.tolist() == [0.5, -1.0]
+    b = first.remember(torch.tensor([3, 1]), torch.tensor([2.0, 0.2]))
+    assert b.tolist() == [-1.0, pytest.approx(0.2)]  # row 3 keeps its first score, row 1 is new
+    low.remember(torch.tensor([0, 3]), torch.tensor([0.5, -1.0]))
+    c = low.remember(torch.tensor([0, 3]), torch.tensor([0.1, 2.0]))
+    assert c.tolist() == [pytest.approx(0.1), -1.0]
+    assert online.remember(torch.tensor([0]), torch.tensor([7.0])).tolist() == [7.0]
+    # state round trip (the trainer checkpoints it)
+    again = _objective(weight_memory="first")
+    again.load_state_dict(first.state_dict())
+    assert again.remember(torch.tensor([3]), torch.tensor([9.0])).tolist() == [-1.0]
+    assert online.state_dict() is None
 
 
 # -- through the model -------------------------------------------------------------------------
@@ -156,9 +207,10 @@ def test_variants_select_terms_and_log_them(model_and_batch):
     assert "attn" not in _objective(variant="attn", lambda_attn=0.0)(model, batch).logs
 
 
-def test_weighted_clip_term_uses_stop_gradient_weights(model_and_batch):
+@pytest.mark.parametrize("score", ["own", "contrast"])
+def test_weighted_clip_term_uses_stop_gradient_weights(model_and_batch, score):
     model, batch = model_and_batch
-    obj = _objective(variant="weighted_attn", lambda_ke=0.0, lambda_attn=0.0)
+    obj = _objective(variant="weighted_attn", lambda_ke=0.0, lambda_attn=0.0, weight_score=score)
     model.zero_grad(set_to_none=True)
     obj(model, batch).loss.backward()
     got = {n: p.grad.clone() for n, p in model.clip.named_parameters() if p.grad is not None}
@@ -169,8 +221,9 @@ def test_weighted_clip_term_uses_stop_gradient_weights(model_and_batch):
     uniq = list(dict.fromkeys(k for ks in batch.knowledge for k in ks))
     idx = torch.tensor([[uniq.index(k) for k in ks] for ks in batch.knowledge])
     with torch.no_grad():
-        s_own = L.own_alignment(L.alignment(out.patches, model.encode_captions(uniq)), idx)
-        w_const, _ = L.pair_weights(s_own, obj.p.weight_temperature, obj.p.weight_form)
+        s_all = L.alignment(out.patches, model.encode_captions(uniq))
+        w_const = L.pair_weights(L.grounding(s_all, idx, obj.p.weight_score), obj.p.weight_temperature,
+                                 obj.p.weight_form, standardize=obj.p.weight_score == "own")
     txt = model.encode_text(batch.tokens)
     (w_const * per_pair_clip_loss(out.embedding, txt, model.logit_scale)).mean().backward()
     for n, p in model.clip.named_parameters():

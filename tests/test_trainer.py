@@ -102,6 +102,41 @@ def test_resume_gives_the_same_weights(smoke_world, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), n
 
 
+def test_callback_state_is_checkpointed_and_restored_after_train_start(smoke_world, tmp_path):
+    view = _view(smoke_world)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=1e-3, seed=5)
+
+    class Counter(Callback):
+        def __init__(self, crash_at=None):
+            self.seen, self.crash_at = [], crash_at
+
+        def on_train_start(self, trainer):
+            self.seen = []  # would wipe restored state if it ran after load_state_dict
+
+        def on_step_end(self, trainer, batch, out):
+            self.seen.extend(batch.index.tolist())
+
+        def on_epoch_end(self, trainer, epoch):
+            if epoch == self.crash_at:
+                raise KeyboardInterrupt
+
+        def state_dict(self):
+            return {"seen": torch.tensor(self.seen)}
+
+        def load_state_dict(self, state):
+            self.seen = state["seen"].tolist()
+
+    full = Counter()
+    Trainer(build_model("micro-vit"), view, cfg, callbacks=[full], show_progress=False).fit()
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(build_model("micro-vit"), view, cfg, callbacks=[Counter(crash_at=1)], checkpoint_path=ckpt,
+                show_progress=False).fit()
+    resumed = Counter()
+    Trainer(build_model("micro-vit"), view, cfg, callbacks=[resumed], checkpoint_path=ckpt, show_progress=False).fit()
+    assert resumed.seen == full.seen  # epoch 0 restored from the checkpoint, epochs 1-2 re-run
+
+
 def test_nan_guard_stops_with_clear_status(smoke_world):
     class NaNObjective:
         def __call__(self, model, batch):

@@ -146,6 +146,24 @@ class RoCLIPTraining(Callback):
         self.pool.enqueue(emb, captions)
         self._pending = None
 
+    def state_dict(self) -> dict | None:
+        """The pool, so a resumed run matches against the same captions as an uninterrupted one."""
+        if self.pool is None:
+            return None
+        p = self.pool
+        return {"embeddings": p.embeddings.detach().cpu(), "captions": [c or "" for c in p.captions],
+                "filled": [c is not None for c in p.captions], "ptr": p.ptr, "count": p.count, "total": p.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        emb = state["embeddings"]
+        device = self.pool.embeddings.device if self.pool is not None else "cpu"
+        pool = FIFOPool(emb.shape[0], emb.shape[1], device)
+        pool.embeddings.copy_(emb.to(device))
+        pool.captions = [c if filled else None for c, filled in zip(state["captions"], state["filled"])]
+        pool.ptr, pool.count, pool.total = int(state["ptr"]), int(state["count"]), int(state["total"])
+        self.pool = pool
+        self._pending = None
+
     def on_step_end(self, trainer, batch: Batch, out: LossOutput) -> None:
         if self._pending is not None and self.pool is not None:
             self.pool.enqueue(*self._pending)

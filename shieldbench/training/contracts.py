@@ -47,7 +47,19 @@ class Objective(Protocol):
 
 
 class Callback:
-    """Hooks with no-op defaults, called by the trainer in order."""
+    """Hooks with no-op defaults, called by the trainer in order.
+
+    A callback with state that must survive a crash (a pool, per-row memory)
+    returns it from ``state_dict``; the trainer stores it in each epoch
+    checkpoint and hands it back through ``load_state_dict`` after
+    ``on_train_start`` when it resumes. Tensors, numbers, strings and lists only
+    (checkpoints are loaded with ``weights_only=True``).
+    """
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None: ...
 
     def on_train_start(self, trainer: "Trainer") -> None: ...
 

@@ -111,6 +111,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.state: dict[str, object] = {}  # scratch space for callbacks
+        self._callback_states: list[dict | None] = []  # from a resumed checkpoint
 
     # -- batches ----------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -140,6 +141,7 @@ class Trainer:
                 "epoch": epoch,
                 "step": self.step,
                 "history": self.history,
+                "callbacks": [cb.state_dict() for cb in self.callbacks],
             },
             self.checkpoint_path,
         )
@@ -152,6 +154,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self._callback_states = list(state.get("callbacks", []))
         return int(state["epoch"]) + 1
 
     # -- loop -------------------------------------------------------------------
@@ -168,6 +171,10 @@ class Trainer:
         start_epoch = self._resume()
         for cb in self.callbacks:
             cb.on_train_start(self)
+        # Restore callback state after on_train_start, which would otherwise re-initialise it.
+        for cb, saved in zip(self.callbacks, self._callback_states):
+            if saved is not None:
+                cb.load_state_dict(saved)
         columns = (
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -17,7 +17,7 @@ from shieldbench.defenses.semantic_shield import losses as L
 from shieldbench.errors import UserError
 from shieldbench.registry import register_defense
 from shieldbench.spec import param
-from shieldbench.training.contracts import Batch, LossOutput
+from shieldbench.training.contracts import Batch, Callback, LossOutput
 from shieldbench.training.losses import clip_loss, per_pair_clip_loss
 
 VARIANTS = ("ke", "attn", "weighted_attn", "weighted_ke")
@@ -54,8 +54,12 @@ def encode_texts(model, token_rows: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class SemanticShieldObjective:
-    """The Semantic Shield loss of one batch (see :class:`SemanticShield`)."""
+class SemanticShieldObjective(Callback):
+    """The Semantic Shield loss of one batch (see :class:`SemanticShield`).
+
+    Also a Callback, only so that the per-row grounding memory
+    (``weight_memory``) is saved in the epoch checkpoints and restored on resume.
+    """
 
     def __init__(self, params: "SemanticShield.Params") -> None:
         self.p = params
@@ -63,6 +67,44 @@ class SemanticShieldObjective:
         self.use_attn = v in ("attn", "weighted_attn", "weighted_ke")
         self.weight_clip = v in ("weighted_attn", "weighted_ke")
         self.weight_ke = v == "weighted_ke"
+        # Per-row grounding memory (row numbers of the TrainView), NaN = not seen yet.
+        self.memory = torch.empty(0)
+
+    def remember(self, index: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The score to weight with under ``weight_memory`` (``first`` / ``min``), updating the memory.
+
+        ``first`` freezes each pair's grounding at its first visit, i.e. as
+        judged by the model before it has trained on that pair; ``min`` keeps
+        the lowest grounding seen. Both stop the feedback loop of online
+        weighting, where a poison that leaks a little weight teaches the model
+        its trigger, which raises the poison's grounding, which raises its
+        weight.
+        """
+        mode = self.p.weight_memory
+        if mode == "none":
+            return score
+        idx = index.to("cpu", torch.long)
+        need = int(idx.max()) + 1 if idx.numel() else 0
+        if need > self.memory.numel():
+            grown = torch.full((need,), float("nan"))
+            grown[: self.memory.numel()] = self.memory
+            self.memory = grown
+        old = self.memory[idx]
+        new = score.detach().float().cpu()
+        if mode == "first":
+            kept = torch.where(torch.isnan(old), new, old)
+        elif mode == "min":
+            kept = torch.where(torch.isnan(old), new, torch.minimum(old, new))
+        else:
+            raise ValueError(f"unknown weight memory {mode!r}")
+        self.memory[idx] = kept
+        return kept.to(score.device)
+
+    def state_dict(self) -> dict | None:
+        return {"memory": self.memory.clone()} if self.p.weight_memory != "none" else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory = state["memory"].float().clone()
 
     def terms(self, model, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Each loss term (unweighted by its lambda) and the logs of one batch."""
@@ -90,8 +132,9 @@ class SemanticShieldObjective:
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 
-        w, raw = L.pair_weights(s_own, p.weight_temperature, p.weight_form)
-        logs["align"] = float(raw.mean())
+        raw = self.remember(batch.index, L.grounding(s_all, ke_index, p.weight_score))
+        w = L.pair_weights(raw, p.weight_temperature, p.weight_form, standardize=p.weight_score == "own")
+        logs["align"] = float(s_own.detach().amax(dim=2).mean())
         if self.weight_clip:
             terms["clip"] = (w * per_pair_clip_loss(out.embedding.float(), txt.float(), model.logit_scale)).mean()
             logs["w_min"], logs["w_max"] = float(w.min()), float(w.max())
@@ -133,6 +176,12 @@ class SemanticShield(Defense):
         mask_shared: bool = param(True, "ignore negatives that share a KE with the positive caption")
         weight_temperature: float = param(0.25, "temperature of the pair weights (sigmoid gate or softmax) over standardised alignment", lo=0.0,
                                           lo_open=True)
+        weight_score: str = param("own", "grounding score of a pair: own (paper: mean over patches of the best "
+                                  "own-KE cosine) or contrast (own KEs vs the batch's other KE sets, per image)",
+                                  choices=("own", "contrast"))
+        weight_memory: str = param("none", "none (paper: weights from the current model at every step), first "
+                                   "(each pair's grounding frozen at its first visit) or min (lowest seen)",
+                                   choices=("none", "first", "min"))
         weight_form: str = param("sigmoid", "pair weights from standardised alignment: softmax (B x softmax) or "
                                  "sigmoid (bounded gate, rescaled to mean 1)", choices=("softmax", "sigmoid"))
         text_pass: str = param("auto", "encode KEs with the captions in one text pass (joint), in a second short "
@@ -145,6 +194,7 @@ class SemanticShield(Defense):
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
+        self._impl: tuple[DefenseContext, SemanticShieldObjective] | None = None
         from shieldbench.registry import KNOWLEDGE
 
         if self.params.knowledge != "default" and self.params.knowledge not in KNOWLEDGE:
@@ -173,5 +223,14 @@ class SemanticShield(Defense):
                                f"{data.caption(bad[0])!r}; exactly {k} are required")
         return data.with_knowledge(knowledge)
 
+    def training(self, ctx: DefenseContext) -> SemanticShieldObjective:
+        """One shared objective+callback per context (the runner asks for both with the same ctx)."""
+        if self._impl is None or self._impl[0] is not ctx:
+            self._impl = (ctx, SemanticShieldObjective(self.params))
+        return self._impl[1]
+
     def objective(self, ctx: DefenseContext) -> SemanticShieldObjective:
-        return SemanticShieldObjective(self.params)
+        return self.training(ctx)
+
+    def callbacks(self, ctx: DefenseContext) -> list[Callback]:
+        return [self.training(ctx)]

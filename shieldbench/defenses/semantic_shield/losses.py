@@ -89,27 +89,63 @@ def attention_loss(attn: torch.Tensor, target: torch.Tensor, kind: str = "kl") -
     return (target * (target.clamp_min(1e-12).log() - a.clamp_min(1e-12).log())).sum(dim=1).mean()
 
 
-def pair_weights(s_own: torch.Tensor, temperature: float = 1.0, form: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair weights from KE grounding, stop-gradient: (w (B,), raw (B,)).
+def set_alignment(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
+    """A[i, j] = mean over patches of image i of the best cosine with caption j's KEs: (B, B).
 
-    raw_i = mean over patches of max over own KEs of S, standardised within the
-    batch (z). ``softmax``: w = B * softmax(z / temperature) (unbounded above:
-    a sharp temperature hands the batch to a few pairs). ``sigmoid``:
-    w = sigmoid(z / temperature), rescaled to mean 1: bounded, so a sharp
+    The diagonal is the paper's grounding of each pair (how well image i's
+    patches match its own caption's KEs); row i off the diagonal says how well
+    the same patches match the other captions' KEs in the batch.
+    """
+    b, k = ke_index.shape
+    idx = ke_index.to(s_all.device).reshape(-1)
+    return s_all[:, :, idx].view(s_all.shape[0], s_all.shape[1], b, k).amax(dim=3).mean(dim=1)
+
+
+def grounding(s_all: torch.Tensor, ke_index: torch.Tensor, score: str = "own") -> torch.Tensor:
+    """Per-pair grounding score (B,), under ``no_grad``.
+
+    ``own`` (paper): A[i, i], the mean over patches of the best own-KE cosine.
+    ``contrast``: (A[i, i] - mean_j A[i, j]) / std_j A[i, j], i.e. how far
+    image i's own KEs stand above the batch's other KE sets *for the same
+    image*. It removes each image's offset (some images align with every
+    phrase), which the raw score leaves in: on the training pairs of the
+    validation world it ranks poisons below clean pairs with AUC 0.97
+    (BadNets, Blended) and 0.93 (WaNet), against 0.86-0.88 for ``own``.
+    """
+    with torch.no_grad():
+        a = set_alignment(s_all.detach().float(), ke_index)
+        own = a.diagonal()
+        if score == "own":
+            return own
+        if score == "contrast":
+            std = a.std(dim=1, unbiased=False) if a.shape[1] > 1 else torch.zeros_like(own)
+            return (own - a.mean(dim=1)) / (std + 1e-6)
+        raise ValueError(f"unknown grounding score {score!r}")
+
+
+def pair_weights(raw: torch.Tensor, temperature: float = 1.0, form: str = "softmax",
+                 standardize: bool = True) -> torch.Tensor:
+    """Per-pair weights (B,) from grounding scores, stop-gradient, mean 1.
+
+    ``z`` = the scores standardised within the batch (``standardize``, for
+    the raw ``own`` score whose scale drifts during training) or taken as they
+    are (the ``contrast`` score is already a per-image z-score, so 0 means
+    "no better than the average caption"). ``softmax``: w = B * softmax(z / T)
+    (unbounded above: a sharp temperature hands the batch to a few pairs).
+    ``sigmoid``: w = sigmoid(z / T), rescaled to mean 1: bounded, so a sharp
     temperature silences poorly grounded pairs without letting the best
     grounded ones dominate. Computed under ``no_grad`` so the model cannot
     raise its own weight.
     """
     with torch.no_grad():
-        raw = s_own.detach().float().amax(dim=2).mean(dim=1)
-        b = raw.shape[0]
-        std = raw.std(unbiased=False) if b > 1 else raw.new_tensor(0.0)
-        z = (raw - raw.mean()) / (std + 1e-6)
+        z = raw.detach().float()
+        b = z.shape[0]
+        if standardize:
+            std = z.std(unbiased=False) if b > 1 else z.new_tensor(0.0)
+            z = (z - z.mean()) / (std + 1e-6)
         if form == "softmax":
-            w = torch.softmax(z / temperature, dim=0) * b
-        elif form == "sigmoid":
+            return torch.softmax(z / temperature, dim=0) * b
+        if form == "sigmoid":
             g = torch.sigmoid(z / temperature)
-            w = g * (b / g.sum().clamp_min(1e-12))
-        else:
-            raise ValueError(f"unknown weight form {form!r}")
-    return w, raw
+            return g * (b / g.sum().clamp_min(1e-12))
+        raise ValueError(f"unknown weight form {form!r}")
