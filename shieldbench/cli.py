@@ -60,12 +60,14 @@ def metrics_table(record: dict[str, Any]) -> Table:
     if "asr" in m:
         ci = f"  [{_pct(m['asr_ci_low'])}, {_pct(m['asr_ci_high'])}]"
         row("attack success (top-1)", "asr", extra=ci)
+        row("  same trigger, clean base model", "asr_base_model")
         row("robust accuracy", "robust_acc")
         for k in (1, 5, 10):
             row(f"backdoor Hit@{k}", f"hit@{k}")
     if "poison_success" in m:
         ci = f"  [{_pct(m['poison_success_ci_low'])}, {_pct(m['poison_success_ci_high'])}]"
         row("poisoning success (top-1)", "poison_success", extra=ci)
+        row("  clean base model", "poison_success_base_model")
         row("target image Hit@1 (text->image)", "poison_hit@1")
     for d in ("i2t", "t2i"):
         for k in (1, 5, 10):

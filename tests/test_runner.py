@@ -38,6 +38,10 @@ def test_record_has_everything(first, results):
     assert on_disk["plan"]["n_poisoned"] == round(0.05 * 384)
     assert on_disk["versions"]["torch"]
     assert (results / "runs" / run_id_for(spec) / "train_log.csv").is_file()
+    # The clean base model under the same trigger, evaluated before victim training changed it.
+    base = on_disk["metrics_base_model"]
+    assert m["asr_base_model"] == base["asr"] and 0.0 <= base["asr"] <= 1.0
+    assert base != {k: v for k, v in m.items() if k in base}
 
 
 def test_leaderboard_rebuilt_from_records(first, results):

@@ -21,9 +21,9 @@ from shieldbench.fileio import atomic_write_text
 
 GROUP = ["attack", "defense", "model", "dataset", "preset"]
 HEADLINE = [
-    "clean_top1", "clean_top5", "asr", "asr_top5", "robust_acc", "hit@1", "hit@5", "hit@10",
+    "clean_top1", "clean_top5", "asr", "asr_base_model", "asr_top5", "robust_acc", "hit@1", "hit@5", "hit@10",
     "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
-    "poison_success", "poison_hit@1", "poison_mean_rank",
+    "poison_success", "poison_success_base_model", "poison_hit@1", "poison_mean_rank",
     "asr_before_repair", "clean_top1_before_repair", "train_s", "cost_train_s", "total_s", "peak_memory_mb",
 ]
 

@@ -278,6 +278,12 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
                           "n_poisoned": int(poisoned.is_poison.sum()), "n_train": len(poisoned.view),
                           "mix": plan.mix, "target": plan.target, "threat_model": plan.threat_model,
                           "notes": plan.notes}
+        # The clean base model under the same trigger: what the trigger does with no backdoor at all
+        # (a strong warp or blend can push clean images to the target by itself). Before training,
+        # which updates ``base`` in place.
+        t = time.perf_counter()
+        record["metrics_base_model"] = run_evaluation(rc, base, bundle, attack, plan)
+        timings["eval_base_s"] = time.perf_counter() - t
         model, train_info = train_victim(rc, base, poisoned.view, defense)
         timings["train_s"] = train_info["seconds"]
         record["artifacts"]["train"] = {k: v for k, v in train_info.items() if k != "history"}
@@ -291,6 +297,9 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
             record["artifacts"]["repair"] = repair_info
         t = time.perf_counter()
         record["metrics"] = run_evaluation(rc, model, bundle, attack, plan)
+        for key in ("asr", "poison_success"):
+            if key in record["metrics_base_model"]:
+                record["metrics"][f"{key}_base_model"] = record["metrics_base_model"][key]
         timings["eval_s"] = time.perf_counter() - t
         record["status"] = "ok"
     except TrainingDiverged as exc:

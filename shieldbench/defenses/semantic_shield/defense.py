@@ -174,9 +174,9 @@ class SemanticShield(Defense):
         tau: float = param(0.1, "temperature of the attention target softmax over patches", lo=0.0, lo_open=True)
         ke_scale: float = param(10.0, "logit scale on the cosine MIL scores in the BCE (1 leaves the loss stuck at ln 2)", lo=0.0, lo_open=True)
         mask_shared: bool = param(True, "ignore negatives that share a KE with the positive caption")
-        weight_temperature: float = param(0.25, "temperature of the pair weights (sigmoid gate or softmax) over standardised alignment", lo=0.0,
+        weight_temperature: float = param(0.1, "temperature of the pair weights (sigmoid gate or softmax) over the grounding score", lo=0.0,
                                           lo_open=True)
-        weight_score: str = param("own", "grounding score of a pair: own (paper: mean over patches of the best "
+        weight_score: str = param("contrast", "grounding score of a pair: own (paper: mean over patches of the best "
                                   "own-KE cosine) or contrast (own KEs vs the batch's other KE sets, per image)",
                                   choices=("own", "contrast"))
         weight_memory: str = param("none", "none (paper: weights from the current model at every step), first "
