@@ -221,7 +221,7 @@ def test_weighted_clip_term_uses_stop_gradient_weights(model_and_batch, score):
     uniq = list(dict.fromkeys(k for ks in batch.knowledge for k in ks))
     idx = torch.tensor([[uniq.index(k) for k in ks] for ks in batch.knowledge])
     with torch.no_grad():
-        s_all = L.alignment(out.patches, model.encode_captions(uniq))
+        s_all = L.alignment(out.patches, encode_texts(model, model.tokenize(uniq)))  # the objective's own path
         w_const = L.pair_weights(L.grounding(s_all, idx, obj.p.weight_score), obj.p.weight_temperature,
                                  obj.p.weight_form, standardize=obj.p.weight_score == "own")
     txt = model.encode_text(batch.tokens)
