@@ -104,6 +104,27 @@ def test_pair_weights_by_hand_and_stop_gradient():
     assert torch.allclose(got, torch.tensor([3 * x / sum(g) for x in g]), atol=1e-5)
 
 
+def test_per_pair_clip_loss_with_negative_keep_by_hand():
+    # Unit vectors with known cosines; logit scale exp(0) = 1.
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
+    cos = (img @ txt.t()).tolist()
+    keep = [1.0, 0.5, 0.1]
+    want = []
+    for i in range(3):
+        i2t = -cos[i][i] + math.log(sum((1.0 if j == i else keep[j]) * math.exp(cos[i][j]) for j in range(3)))
+        t2i = -cos[i][i] + math.log(sum((1.0 if j == i else keep[j]) * math.exp(cos[j][i]) for j in range(3)))
+        want.append(0.5 * (i2t + t2i))
+    got = per_pair_clip_loss(img, txt, torch.tensor(0.0), torch.tensor(keep))
+    assert torch.allclose(got, torch.tensor(want), atol=1e-6)
+    # keep = 1 everywhere is the plain loss; keep -> 0 removes pair 2 from the others' denominators.
+    assert torch.allclose(per_pair_clip_loss(img, txt, torch.tensor(0.0), torch.ones(3)),
+                          per_pair_clip_loss(img, txt, torch.tensor(0.0)), atol=1e-6)
+    gone = per_pair_clip_loss(img, txt, torch.tensor(0.0), torch.tensor([1.0, 1.0, 1e-9]))
+    two = per_pair_clip_loss(img[:2], txt[:2], torch.tensor(0.0))
+    assert torch.allclose(gone[:2], two, atol=1e-6)
+
+
 def test_grounding_scores_by_hand():
     # B=3 images, M=2 patches, K=1 KE per caption, U=3 unique KEs (caption j owns KE j).
     s_all = torch.tensor([
