@@ -125,6 +125,24 @@ def test_per_pair_clip_loss_with_negative_keep_by_hand():
     assert torch.allclose(gone[:2], two, atol=1e-6)
 
 
+def test_balance_by_knowledge_by_hand():
+    # Pairs 0,1,2 share KE 7 (one kind of caption, poorly grounded: small weights); pair 3 stands alone.
+    ke_index = torch.tensor([[7, 1], [7, 2], [7, 3], [9, 4]])
+    w = torch.tensor([0.2, 0.2, 0.0, 3.6])
+    got = L.balance_by_knowledge(w, ke_index, prior=1.0)
+    # group of 0,1,2: n=3, sum=0.4 -> factor 4/1.4; pair 3: n=1, sum=3.6 -> factor 2/4.6
+    raw = [0.2 * 4 / 1.4, 0.2 * 4 / 1.4, 0.0, 3.6 * 2 / 4.6]
+    want = torch.tensor(raw) * (4 / sum(raw))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got.sum().item() == pytest.approx(4.0) and got[2] == 0  # a silenced pair stays silenced
+    # Equal weights are left alone; a lone low-weight pair (a poison with unique KEs) is not lifted to 1.
+    assert torch.allclose(L.balance_by_knowledge(torch.ones(4), ke_index), torch.ones(4))
+    # A singleton group's factor is (1 + prior) / (w + prior) <= 2 at prior 1.
+    lone = L.balance_by_knowledge(torch.tensor([1.3, 1.3, 1.3, 0.1]), ke_index)
+    assert lone[3] / lone[0] == pytest.approx((0.1 * 2 / 1.1) / (1.3 * 4 / 4.9), rel=1e-5)
+    assert lone[3] / lone[0] < 0.25
+
+
 def test_grounding_scores_by_hand():
     # B=3 images, M=2 patches, K=1 KE per caption, U=3 unique KEs (caption j owns KE j).
     s_all = torch.tensor([
