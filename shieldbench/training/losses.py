@@ -21,26 +21,12 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return _clip_loss(F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1), logit_scale.exp())
 
 
-def per_pair_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                       negative_keep: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) per-pair symmetric loss: 0.5 * (CE_i2t[i] + CE_t2i[i]). Its mean is :func:`clip_loss`.
-
-    ``negative_keep`` (B,) in (0, 1], no gradient: how much pair j counts as a
-    *negative* in the other rows (its logit gets + log keep_j off the diagonal,
-    i.e. exp(logit) is scaled by keep_j in every softmax denominator). With
-    keep_j -> 0, pair j is as good as absent from the batch.
-    """
+def per_pair_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """(B,) per-pair symmetric loss: 0.5 * (CE_i2t[i] + CE_t2i[i]). Its mean is :func:`clip_loss`."""
     img = F.normalize(image_emb, dim=-1)
     txt = F.normalize(text_emb, dim=-1)
     logits = logit_scale.exp() * img @ txt.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
-    if negative_keep is not None:
-        bias = negative_keep.detach().to(logits.dtype).clamp_min(1e-8).log()[None, :].expand_as(logits).clone()
-        bias.fill_diagonal_(0.0)
-        return 0.5 * (
-            F.cross_entropy(logits + bias, labels, reduction="none")
-            + F.cross_entropy(logits.t() + bias, labels, reduction="none")
-        )
     return 0.5 * (
         F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.t(), labels, reduction="none")
     )

@@ -134,15 +134,9 @@ class SemanticShieldObjective(Callback):
 
         raw = self.remember(batch.index, L.grounding(s_all, ke_index, p.weight_score))
         w = L.pair_weights(raw, p.weight_temperature, p.weight_form, standardize=p.weight_score == "own")
-        if p.weight_balance == "knowledge":
-            w = L.balance_by_knowledge(w, ke_index, p.balance_prior)
         logs["align"] = float(s_own.detach().amax(dim=2).mean())
         if self.weight_clip:
-            # A silenced pair should not push the others either: as a negative it would teach that its
-            # (clean but poorly grounded) image is *not* what its own kind of caption says.
-            keep = w / w.max().clamp_min(1e-12) if p.gate_negatives else None
-            terms["clip"] = (w * per_pair_clip_loss(out.embedding.float(), txt.float(), model.logit_scale,
-                                                    keep)).mean()
+            terms["clip"] = (w * per_pair_clip_loss(out.embedding.float(), txt.float(), model.logit_scale)).mean()
             logs["w_min"], logs["w_max"] = float(w.min()), float(w.max())
         else:
             terms["clip"] = clip_loss(out.embedding.float(), txt.float(), model.logit_scale)
@@ -185,13 +179,6 @@ class SemanticShield(Defense):
         weight_score: str = param("contrast", "grounding score of a pair: own (paper: mean over patches of the best "
                                   "own-KE cosine) or contrast (own KEs vs the batch's other KE sets, per image)",
                                   choices=("own", "contrast"))
-        weight_balance: str = param("none", "none, or knowledge: renormalise weights within pairs whose captions "
-                                    "share a KE (no kind of caption is silenced as a whole)",
-                                    choices=("none", "knowledge"))
-        balance_prior: float = param(1.0, "weight_balance=knowledge: pseudo-pairs of weight 1 added to each group",
-                                     lo=0.0)
-        gate_negatives: bool = param(False, "down-weighted pairs also count less as negatives of the other pairs "
-                                     "(their exp-logits scaled by w / max w)")
         weight_memory: str = param("none", "none (paper: weights from the current model at every step), first "
                                    "(each pair's grounding frozen at its first visit) or min (lowest seen)",
                                    choices=("none", "first", "min"))

@@ -149,26 +149,3 @@ def pair_weights(raw: torch.Tensor, temperature: float = 1.0, form: str = "softm
             g = torch.sigmoid(z / temperature)
             return g * (b / g.sum().clamp_min(1e-12))
         raise ValueError(f"unknown weight form {form!r}")
-
-
-def balance_by_knowledge(w: torch.Tensor, ke_index: torch.Tensor, prior: float = 1.0) -> torch.Tensor:
-    """Redistribute the weights within pairs that share knowledge, not across kinds of captions.
-
-    A base model grounds some kinds of captions worse than others; a plain
-    gate then silences most of a whole kind (in a validation world 40% of one
-    class's clean pairs) and the fine-tuning forgets it. Here each weight is
-    divided by the mean weight of its *knowledge group* (the pairs whose
-    captions share a KE with it, itself included), with ``prior`` pseudo-pairs
-    of weight 1 so that a small group (a lone poison) is not rescaled up:
-
-        w'_i = w_i * (n_i + prior) / (sum_{j in G_i} w_j + prior),
-
-    then rescaled to mean 1. Poisons keep their low weight relative to the
-    clean pairs of the caption kind they claim. Stop-gradient like ``w``.
-    """
-    with torch.no_grad():
-        b = ke_index.shape[0]
-        group = shared_ke_mask(ke_index) | torch.eye(b, dtype=torch.bool, device=ke_index.device)
-        g = group.to(w.dtype).to(w.device)
-        out = w * (g.sum(dim=1) + prior) / (g @ w + prior)
-        return out * (b / out.sum().clamp_min(1e-12))
