@@ -61,3 +61,16 @@ def test_hash_is_stable_and_sensitive():
     assert a.hash() != build_spec("smoke", overrides={"seed": 1}).hash()
     assert spec_from_dict(a.to_dict()) == a
     assert spec_from_dict(a.to_dict()).hash() == a.hash()
+
+
+def test_preset_plugin_defaults_resolve_and_yield_to_the_user():
+    from shieldbench import api
+
+    small = api.make_spec(attack="wanet", defense="roclip")
+    assert small.attack.options["s"] == 12.0 and small.attack.poison_rate == 0.05
+    assert small.defense.options["crop_min_scale"] == 1.0
+    smoke = api.make_spec(attack="wanet", defense="roclip", preset="smoke")
+    assert smoke.attack.options["s"] == 0.5 and smoke.defense.options["crop_min_scale"] == 0.08
+    mine = api.make_spec(attack="wanet", defense="roclip", overrides=["defense.crop_min_scale=0.3", "attack.s=2"])
+    assert mine.defense.options["crop_min_scale"] == 0.3 and mine.attack.options["s"] == 2.0
+    assert small.hash() != mine.hash()
