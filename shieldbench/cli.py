@@ -29,7 +29,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-DEFAULT_METRICS = "clean_top1,asr,asr_before_repair,hit@1,i2t_R@1,poison_success,cost_train_s"
+DEFAULT_METRICS = "clean_top1,asr,asr_base_model,asr_before_repair,hit@1,i2t_R@1,poison_success,cost_train_s"
 
 
 def _pct(v: Any) -> str:
@@ -249,6 +249,10 @@ def leaderboard(
 ) -> None:
     """Show the leaderboard (mean +- std over seeds) as a table.
 
+    One row per experiment setting: runs that differ in more than the seed
+    (a defense variant, an attack option) are separate rows, labelled by what
+    differs.
+
     Examples:
 
       shieldbench leaderboard
@@ -261,14 +265,18 @@ def leaderboard(
         api.rebuild_leaderboard(results)
     df = api.read_leaderboard(results)
     t = Table(title=f"leaderboard ({results / 'leaderboard.csv'})")
-    for c in ("attack", "defense", "model", "preset", "n_seeds"):
+    has_setting = "setting" in df.columns and df["setting"].fillna("").astype(str).str.len().gt(0).any()
+    for c in ("attack", "defense", *(["setting"] if has_setting else []), "model", "preset", "n_seeds"):
         t.add_column(c)
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     shown = [m for m in wanted if f"{m}_mean" in df.columns]
     for m in shown:
         t.add_column(m, justify="right")
     for _, r in df.iterrows():
-        cells = [str(r["attack"]), str(r["defense"]), str(r["model"]), str(r["preset"]), str(r["n_seeds"])]
+        setting = r.get("setting")
+        setting = "" if setting is None or (isinstance(setting, float) and math.isnan(setting)) else str(setting)
+        cells = [str(r["attack"]), str(r["defense"]), *([setting] if has_setting else []), str(r["model"]),
+                 str(r["preset"]), str(r["n_seeds"])]
         for m in shown:
             mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
             if mean is None or (isinstance(mean, float) and math.isnan(mean)):

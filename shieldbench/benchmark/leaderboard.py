@@ -9,6 +9,7 @@ the number of failed runs. Neither file is ever edited in place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -39,10 +40,64 @@ def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"defense": {"options": {"variant": "ke"}}} -> {"defense.options.variant": "ke"}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_of(spec: dict[str, Any] | None) -> dict[str, str]:
+    """Everything in a spec that defines the experiment except the seed (values as JSON text)."""
+    flat = flatten(spec or {})
+    flat.pop("seed", None)
+    return {k: json.dumps(v, sort_keys=True) for k, v in flat.items()}
+
+
+def config_id(spec: dict[str, Any] | None) -> str:
+    """Short hash of :func:`config_of`: runs that differ only in their seed share it."""
+    text = json.dumps(config_of(spec), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def settings(runs: pd.DataFrame, specs: dict[str, dict[str, str]]) -> pd.Series:
+    """Per run, the spec entries that differ between configs of the same attack x defense x model x data x preset.
+
+    Two settings of one defense (a variant, a temperature) are different rows
+    of the leaderboard, labelled by what differs; they are never averaged
+    as if they were seeds.
+    """
+    label = pd.Series("", index=runs.index, dtype=object)
+    for _, family in runs.groupby(GROUP, dropna=False, sort=False):
+        configs = {c: specs[c] for c in family["config"].unique() if c in specs}
+        if len(configs) < 2:
+            continue
+        keys = sorted({k for cfg in configs.values() for k in cfg})
+        # A key varies if configs that have it disagree (records written before a parameter existed
+        # lack it: that alone does not make a difference worth a label).
+        varying = [k for k in keys if len({cfg[k] for cfg in configs.values() if k in cfg}) > 1]
+        names = {c: ", ".join(f"{k.replace('.options.', '.')}={json.loads(cfg[k])}" for k in varying if k in cfg)
+                 for c, cfg in configs.items()}
+        clash = {n for n in names.values() if list(names.values()).count(n) > 1}
+        for idx, cfg_id in family["config"].items():
+            name = names.get(cfg_id, "")
+            label[idx] = f"{name} (config {cfg_id})".strip() if name in clash else name
+    return label
+
+
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
+    specs: dict[str, dict[str, str]] = {}
     for r in records:
         row: dict[str, Any] = {k: r.get(k) for k in ["run_id", "status", *GROUP, "seed", "error"]}
+        if isinstance(r.get("spec"), dict):
+            row["config"] = config_id(r["spec"])
+            specs[row["config"]] = config_of(r["spec"])
+        else:  # a corrupt record: its own row
+            row["config"] = str(r.get("run_id"))
         row.update(r.get("metrics", {}) or {})
         for k, v in (r.get("metrics_before_repair") or {}).items():
             row[f"{k}_before_repair"] = v
@@ -53,7 +108,10 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         row["plan_hash"] = plan.get("hash")
         row["train_reused"] = ((r.get("artifacts") or {}).get("train") or {}).get("reused")
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame.insert(frame.columns.get_loc("seed"), "setting", settings(frame, specs))
+    return frame
 
 
 def t_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, float]:
@@ -69,12 +127,12 @@ def t_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, floa
 
 def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
-        return pd.DataFrame(columns=[*GROUP, "n_seeds", "n_failed"])
+        return pd.DataFrame(columns=[*GROUP, "setting", "config", "n_seeds", "n_failed"])
     ok = runs[runs["status"] == "ok"]
     out = []
-    for key, group in runs.groupby(GROUP, dropna=False, sort=True):
+    for key, group in runs.groupby([*GROUP, "setting", "config"], dropna=False, sort=True):
         good = ok.loc[ok.index.intersection(group.index)]
-        row: dict[str, Any] = dict(zip(GROUP, key))
+        row: dict[str, Any] = dict(zip([*GROUP, "setting", "config"], key))
         row["n_seeds"] = int(good["seed"].nunique()) if len(good) else 0
         row["n_failed"] = int((group["status"] != "ok").sum())
         for m in HEADLINE:

@@ -14,10 +14,19 @@ import pandas as pd  # noqa: E402
 from shieldbench.fileio import atomic_write_text  # noqa: E402
 
 
+def defense_label(board: pd.DataFrame) -> pd.Series:
+    """The defense name, plus the leaderboard's setting where several settings were run."""
+    setting = board["setting"].fillna("").astype(str) if "setting" in board.columns else pd.Series("", index=board.index)
+    # Long settings would push the axes off the figure: keep the start, which names the first difference.
+    short = setting.map(lambda s: s if len(s) <= 48 else s[:47] + "...")
+    return (board["defense"].astype(str) + short.map(lambda s: f" [{s}]" if s else "")).rename("label")
+
+
 def asr_heatmap(board: pd.DataFrame, path: Path, metric: str = "asr_mean") -> Path | None:
     if metric not in board.columns or board[metric].dropna().empty:
         return None
-    table = board.pivot_table(index="attack", columns="defense", values=metric, aggfunc="mean")
+    board = pd.concat([board, defense_label(board)], axis=1)
+    table = board.pivot_table(index="attack", columns="label", values=metric, aggfunc="mean")
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * table.shape[1], 1.2 + 0.6 * table.shape[0]))
     im = ax.imshow(100 * table.values, vmin=0, vmax=100, cmap="Reds")
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
@@ -36,7 +45,7 @@ def tradeoff(board: pd.DataFrame, path: Path) -> Path | None:
     if not {"clean_top1_mean", "asr_mean"} <= set(board.columns):
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for defense, group in board.groupby("defense"):
+    for defense, group in pd.concat([board, defense_label(board)], axis=1).groupby("label"):
         ax.scatter(100 * group["asr_mean"], 100 * group["clean_top1_mean"], label=defense)
         for _, r in group.iterrows():
             ax.annotate(r["attack"], (100 * r["asr_mean"], 100 * r["clean_top1_mean"]), fontsize=7)
