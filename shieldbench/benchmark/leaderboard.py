@@ -57,10 +57,9 @@ def config_of(spec: dict[str, Any] | None) -> dict[str, str]:
     return {k: json.dumps(v, sort_keys=True) for k, v in flat.items()}
 
 
-def config_id(spec: dict[str, Any] | None) -> str:
-    """Short hash of :func:`config_of`: runs that differ only in their seed share it."""
-    text = json.dumps(config_of(spec), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+def config_id(config: dict[str, str]) -> str:
+    """Short hash of a :func:`config_of` result: runs that differ only in their seed share it."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def settings(runs: pd.DataFrame, specs: dict[str, dict[str, str]]) -> pd.Series:
@@ -94,8 +93,9 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         row: dict[str, Any] = {k: r.get(k) for k in ["run_id", "status", *GROUP, "seed", "error"]}
         if isinstance(r.get("spec"), dict):
-            row["config"] = config_id(r["spec"])
-            specs[row["config"]] = config_of(r["spec"])
+            config = config_of(r["spec"])
+            row["config"] = config_id(config)
+            specs[row["config"]] = config
         else:  # a corrupt record: its own row
             row["config"] = str(r.get("run_id"))
         row.update(r.get("metrics", {}) or {})

@@ -229,6 +229,24 @@ def run_evaluation(rc: RunContext, model: ClipModel, bundle: DatasetBundle, atta
     )
 
 
+def evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle, attack: Attack,
+                        plan: PoisonPlan) -> dict[str, float]:
+    """The clean base model under the same trigger: what the trigger does with no backdoor at all.
+
+    Shared by every defense under one attack and seed, so it is cached next
+    to the plan instead of being re-evaluated for each of them.
+    """
+    spec = rc.spec
+    key = digest({"base": base_key(spec), "attack": spec.attack, "plan": plan.hash(), "eval": spec.eval,
+                  "seed": spec.seed})
+    cached = rc.store.load_json("base_eval", key, "metrics.json")
+    if cached is not None:
+        return cached
+    metrics = run_evaluation(rc, base, bundle, attack, plan)
+    rc.store.save_json("base_eval", key, "metrics.json", metrics)
+    return metrics
+
+
 # -- the cell ------------------------------------------------------------------------------
 def record_path(results_dir: Path, run_id: str) -> Path:
     return results_dir / "runs" / run_id / "record.json"
@@ -278,11 +296,9 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
                           "n_poisoned": int(poisoned.is_poison.sum()), "n_train": len(poisoned.view),
                           "mix": plan.mix, "target": plan.target, "threat_model": plan.threat_model,
                           "notes": plan.notes}
-        # The clean base model under the same trigger: what the trigger does with no backdoor at all
-        # (a strong warp or blend can push clean images to the target by itself). Before training,
-        # which updates ``base`` in place.
+        # Before training, which updates ``base`` in place.
         t = time.perf_counter()
-        record["metrics_base_model"] = run_evaluation(rc, base, bundle, attack, plan)
+        record["metrics_base_model"] = evaluate_base_model(rc, base, bundle, attack, plan)
         timings["eval_base_s"] = time.perf_counter() - t
         model, train_info = train_victim(rc, base, poisoned.view, defense)
         timings["train_s"] = train_info["seconds"]

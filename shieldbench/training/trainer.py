@@ -96,7 +96,11 @@ class Trainer:
         self.data = data
         self.config = config
         self.objective = objective or ClipObjective()
+        # An objective with state of its own (a pool, per-row memory) is also a Callback: it gets the
+        # hooks and the checkpointed state without the defense listing it twice.
         self.callbacks = list(callbacks)
+        if isinstance(objective, Callback) and not any(cb is objective for cb in self.callbacks):
+            self.callbacks.insert(0, objective)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.device = device or pick_device()
         self.description = description

@@ -58,7 +58,8 @@ class SemanticShieldObjective(Callback):
     """The Semantic Shield loss of one batch (see :class:`SemanticShield`).
 
     Also a Callback, only so that the per-row grounding memory
-    (``weight_memory``) is saved in the epoch checkpoints and restored on resume.
+    (``weight_memory``) is saved in the epoch checkpoints and restored on resume
+    (the Trainer registers an objective that is a Callback by itself).
     """
 
     def __init__(self, params: "SemanticShield.Params") -> None:
@@ -194,7 +195,6 @@ class SemanticShield(Defense):
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
-        self._impl: tuple[DefenseContext, SemanticShieldObjective] | None = None
         from shieldbench.registry import KNOWLEDGE
 
         if self.params.knowledge != "default" and self.params.knowledge not in KNOWLEDGE:
@@ -223,14 +223,5 @@ class SemanticShield(Defense):
                                f"{data.caption(bad[0])!r}; exactly {k} are required")
         return data.with_knowledge(knowledge)
 
-    def training(self, ctx: DefenseContext) -> SemanticShieldObjective:
-        """One shared objective+callback per context (the runner asks for both with the same ctx)."""
-        if self._impl is None or self._impl[0] is not ctx:
-            self._impl = (ctx, SemanticShieldObjective(self.params))
-        return self._impl[1]
-
     def objective(self, ctx: DefenseContext) -> SemanticShieldObjective:
-        return self.training(ctx)
-
-    def callbacks(self, ctx: DefenseContext) -> list[Callback]:
-        return [self.training(ctx)]
+        return SemanticShieldObjective(self.params)
