@@ -19,8 +19,9 @@ from shieldbench.benchmark.runner import run_cell
 from shieldbench.errors import UserError
 from shieldbench.fileio import read_json
 from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KINDS, MODELS, load_plugin
-from shieldbench.spec import (DEFAULT_POISON_RATE, PRESET_PLUGIN_DEFAULTS, ExperimentSpec, build_spec, describe_params, merge_tree, parse_overrides,
-                              validate_options)
+from shieldbench.data.datasets import check_options
+from shieldbench.spec import (DEFAULT_POISON_RATE, PRESET_PLUGIN_DEFAULTS, ExperimentSpec, build_spec, describe_params, load_toml,
+                              merge_tree, parse_overrides, validate_options)
 
 
 def load_plugins(modules: Iterable[str]) -> None:
@@ -39,12 +40,25 @@ def make_spec(attack: str | None = None, defense: str | None = None, model: str 
     it, changes when a default changes: an old result is never silently reused.
     """
     tree = parse_overrides(overrides or [])
+    # An unset flag (None) changes nothing: a config file's attack/defense stand unless a flag names another.
     for key, value in (("attack.name", attack), ("defense.name", defense), ("model.name", model),
                        ("data.dataset", dataset), ("seed", seed)):
         if value is not None:
             merge_tree(tree, key, value)
     spec = build_spec(preset, config, tree)
+    check_options(spec.data.dataset, user_set_keys(load_toml(config) if config else {}, tree))
     return resolve(spec) if resolved else spec
+
+
+def user_set_keys(*trees: dict[str, Any]) -> dict[str, set[str]]:
+    """The ``data.*`` / ``eval.*`` keys a config file or ``--set`` names (the preset's are not counted)."""
+    out: dict[str, set[str]] = {"data": set(), "eval": set()}
+    for tree in trees:
+        for section in out:
+            value = tree.get(section)
+            if isinstance(value, dict):
+                out[section] |= set(value)
+    return out
 
 
 def resolve(spec: ExperimentSpec) -> ExperimentSpec:
@@ -75,6 +89,13 @@ def run(spec: ExperimentSpec, results_dir: str | Path = "results", console: Cons
     record = run_cell(spec, results_dir, console=console, show_progress=show_progress, force=force)
     leaderboard.rebuild(results_dir)
     return record
+
+
+def dry_run(spec: ExperimentSpec, measure: bool = True) -> dict[str, Any]:
+    """Check the spec's data and print-ready stages, steps, memory and time; trains nothing."""
+    from shieldbench.benchmark.dryrun import dry_run as _dry_run
+
+    return _dry_run(spec, measure=measure)
 
 
 def run_grid(base: ExperimentSpec, attacks: list[str], defenses: list[str], seeds: list[int],

@@ -24,6 +24,10 @@ BUILTIN_DEFENSES = {
 }
 BUILTIN_DATASETS = {
     "synthetic": "shieldbench.data.datasets:synthetic_world",
+    "csv": "shieldbench.data.datasets:csv_corpus",
+    "webdataset": "shieldbench.data.datasets:webdataset_corpus",
+    "coco": "shieldbench.data.datasets:coco_corpus",
+    "flickr30k": "shieldbench.data.datasets:flickr30k_corpus",
 }
 BUILTIN_MODELS = {
     "tiny-vit": "shieldbench.models.factory:tiny_vit",

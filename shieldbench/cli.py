@@ -86,8 +86,8 @@ def metrics_table(record: dict[str, Any]) -> Table:
 
 @app.command()
 def run(
-    attack: str = typer.Option("badnets", "--attack", "-a", help="attack name (see `shieldbench list attacks`)"),
-    defense: str = typer.Option("none", "--defense", "-d", help="defense name (see `shieldbench list defenses`)"),
+    attack: Optional[str] = typer.Option(None, "--attack", "-a", help="attack name (default: the config's, else badnets; see `shieldbench list attacks`)"),
+    defense: Optional[str] = typer.Option(None, "--defense", "-d", help="defense name (default: the config's, else none; see `shieldbench list defenses`)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="model name (default: the preset's)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset name (default: synthetic)"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke | small (default small)"),
@@ -99,6 +99,8 @@ def run(
     force: bool = typer.Option(False, "--force", help="re-evaluate even if a finished record exists"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     as_json: bool = typer.Option(False, "--json", help="print the record as JSON instead of a table"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the spec and every data path, print the stages, "
+                                 "steps, memory and time estimate; train nothing"),
 ) -> None:
     """Train under one attack and defense, evaluate, record, update the leaderboard.
 
@@ -109,12 +111,21 @@ def run(
       shieldbench run -a wanet -d semantic_shield --seed 1
 
       shieldbench run -a blended -d none --preset smoke --set attack.poison_rate=0.05
+
+      shieldbench run -c configs/semantic_shield_coco.toml --set data.path=/data/coco --dry-run
     """
     from shieldbench import api
 
     api.load_plugins(plugin)
     spec = api.make_spec(attack=attack, defense=defense, model=model, dataset=dataset, preset=preset,
                          config=config, seed=seed, overrides=set_)
+    if dry_run:
+        report = api.dry_run(spec)
+        if as_json:
+            out.print_json(json.dumps(report, default=str))
+        else:
+            print_dry_run(spec, report)
+        return
     record = api.run(spec, results, console=err, show_progress=not quiet, force=force)
     if as_json:
         out.print_json(json.dumps(record, default=str))
@@ -126,6 +137,35 @@ def run(
     if record["status"] != "ok":
         err.print(f"[red]run {record['status']}:[/red] {record.get('error', '')}", highlight=False)
         raise typer.Exit(1)
+
+
+def print_dry_run(spec: Any, report: dict[str, Any]) -> None:
+    out.print(f"[bold]{spec.attack.name} x {spec.defense.name}[/bold]  model {spec.model.name}"
+              f"{' (' + spec.model.pretrained + ')' if spec.model.pretrained else ''}, dataset {spec.data.dataset}, "
+              f"preset {spec.preset}, seed {spec.seed}, spec {report['spec_hash'][:8]}")
+    t = Table(title="data (a sample of each split decoded)")
+    for c in ("split", "rows", "on disk", "sample unreadable"):
+        t.add_column(c)
+    for d in report["data"]:
+        t.add_row(d["split"], str(d["rows"]), "yes" if d["on_disk"] else "no",
+                  f"{d['unreadable']} of {d['checked']}" + (f": {d['first_error']}" if d["first_error"] else ""))
+    out.print(t)
+    st = Table(title="stages")
+    for c in ("stage", "what", "steps", "batch"):
+        st.add_column(c)
+    for s in report["stages"]:
+        st.add_row(s["stage"], s["what"], str(s["steps"]), str(s.get("batch", "")))
+    out.print(st)
+    c = report.get("cost")
+    if c:
+        out.print(f"model: {c['params_m']:.1f} M parameters; weights + grads + AdamW moments {c['weights_optimizer_gib']:.2f} GiB "
+                  f"(activations not included)")
+        out.print(f"time here ({c['device_here']}): {c['step_s_here']:.2f} s per step -> {c['total_h_here']:.2f} h for "
+                  f"{c['total_steps']} steps (steps at batch {c['measured_at_batches'][0]} and {c['measured_at_batches'][1]} timed, "
+                  f"extrapolated linearly)")
+        out.print(f"compute: {c['tflops_per_step']:.2f} TFLOP per step (counted) -> {c['gpu_h_at_assumed_throughput']:.2f} GPU h "
+                  f"at an assumed {c['assumed_gpu_tflops']:.0f} TFLOP/s sustained (an assumption, not a measurement)")
+    out.print("dry run: nothing was trained")
 
 
 def _names(text: str, what: str) -> list[str]:

@@ -45,6 +45,21 @@ class DataSpec:
     n_retrieval: int = field(default=500, metadata=_rng(1))
     knowledge_k: int = field(default=3, metadata=_rng(1, 16))
     path: str = ""
+    """The corpus on disk: a CSV file, a brace-expanded shard list, a COCO or Flickr30k folder."""
+    on_error: str = field(default="skip", metadata=_choices("skip", "fail"))
+    """An unreadable image (missing, undecodable): left out and counted, or the run fails."""
+    csv_img_key: str = "filepath"
+    """CSV column of image paths (relative to the CSV file), open_clip_train's default name."""
+    csv_caption_key: str = "title"
+    """CSV column of captions, open_clip_train's default name."""
+    csv_separator: str = "\t"
+    """CSV field separator (tab, as open_clip_train)."""
+    clean_path: str = ""
+    """A separate clean corpus (same format) for repair defenses; "" = n_clean rows drawn from the corpus."""
+    annotations: str = ""
+    """COCO / Flickr30k: the Karpathy-split JSON (dataset_coco.json / dataset_flickr30k.json); "" = look in data.path."""
+    max_rows: int = field(default=0, metadata=_rng(0))
+    """Read only the first this many rows of the corpus (0 = all)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,30 @@ class EvalSpec:
     batch_size: int = field(default=512, metadata=_rng(1))
     n_backdoor_queries: int = field(default=0, metadata=_rng(0))
     """Triggered queries for Hit@k (0 = every non-target retrieval image)."""
+    path: str = ""
+    """Zero-shot set on disk: an ImageNet-style folder (one folder per class) or a CSV of image and label."""
+    classnames: str = ""
+    """Class names: "" = the folder names (ImageNet-1K names for WordNet-id folders), "imagenet", or a file (one per line)."""
+    templates: str = "openai"
+    """Prompt templates: "openai" (the 80 ImageNet templates), "simple" ("a photo of a {}."), or a file (one per line, with {})."""
+    csv_img_key: str = "filepath"
+    """Zero-shot / retrieval CSV column of image paths."""
+    csv_label_key: str = "label"
+    """Zero-shot CSV column of labels (a class index or a class name)."""
+    retrieval_path: str = ""
+    """Retrieval set for corpora without one: a CSV of image and caption (several rows per image allowed)."""
+    max_images: int = field(default=0, metadata=_rng(0))
+    """Use only the first this many zero-shot images (0 = all)."""
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How to run, not what to compute: never part of a cache key or a run id."""
+
+    workers: int = field(default=-1, metadata=_rng(-1, 256))
+    """DataLoader worker processes (-1: none for in-memory data, up to 4 for data on disk)."""
+    checkpoint_every: int = field(default=0, metadata=_rng(0))
+    """Also checkpoint training every this many steps (0: at each epoch's end only)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +145,7 @@ class ExperimentSpec:
     attack: AttackSpec = field(default_factory=AttackSpec)
     defense: DefenseSpec = field(default_factory=DefenseSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
     # -- serialisation --------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +155,10 @@ class ExperimentSpec:
         return canonical_json(self.to_dict())
 
     def hash(self) -> str:
-        return digest(self.to_dict())
+        """Hash of what is computed (the ``runtime`` section is left out)."""
+        d = self.to_dict()
+        d.pop("runtime", None)
+        return digest(d)
 
 
 SECTIONS = {
@@ -126,6 +169,7 @@ SECTIONS = {
     "attack": AttackSpec,
     "defense": DefenseSpec,
     "eval": EvalSpec,
+    "runtime": RuntimeSpec,
 }
 
 

@@ -20,3 +20,11 @@ def smoke_world():
     from shieldbench.spec import build_spec
 
     return build_dataset(build_spec("smoke").data)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn's handwritten digits written into every on-disk format (see tests/digits.py)."""
+    from digits import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"))

@@ -141,9 +141,14 @@ def test_badnets_append_mix(smoke_world):
     plan = atk.plan(0)
     poisoned = atk.poison(plan)
     n = len(smoke_world.train)
-    assert len(poisoned.view) == n + len(plan.edits)
-    assert torch.equal(poisoned.view.uint8_images(torch.arange(n)), smoke_world.train.images)
-    assert poisoned.is_poison[n:].all() and not poisoned.is_poison[:n].any()
+    m = len(plan.edits)
+    assert len(poisoned.view) == n + m
+    # Appended poisons sit at shuffled positions, not at the tail; the corpus keeps its order around them.
+    flagged = poisoned.is_poison.nonzero().flatten()
+    assert flagged.numel() == m and int(flagged.min()) < n
+    clean_rows = (~poisoned.is_poison).nonzero().flatten()
+    assert torch.equal(poisoned.view.uint8_images(clean_rows), smoke_world.train.images)
+    assert [poisoned.view.caption(int(r)) for r in clean_rows] == smoke_world.train.captions
 
 
 # -- Blended -----------------------------------------------------------------------------
@@ -394,13 +399,20 @@ def test_targeted_appends_pool_images_with_target_captions(smoke_world):
     poisoned = atk.poison(plan)
     n = len(smoke_world.train)
     assert len(poisoned.view) == n + 28
-    assert torch.equal(poisoned.view.uint8_images(torch.arange(n)), smoke_world.train.images)
-    assert poisoned.view.captions[:n] == smoke_world.train.captions
+    clean_rows = (~poisoned.is_poison).nonzero().flatten()
+    assert torch.equal(poisoned.view.uint8_images(clean_rows), smoke_world.train.images)
+    assert [poisoned.view.caption(int(r)) for r in clean_rows] == smoke_world.train.captions
+    rows = poisoned.is_poison.nonzero().flatten().tolist()
+    assert len(rows) == 28 and rows[0] < n  # shuffled in, not appended at the tail
     pat = class_pattern("banana")
-    for j, e in enumerate(plan.edits):
-        assert torch.equal(poisoned.view.uint8_images([n + j])[0], smoke_world.test.images[e.source_index])
-        assert pat.search(poisoned.view.caption(n + j))
-    assert poisoned.is_poison[n:].all() and not poisoned.is_poison[:n].any()
+    got = sorted((e.source_index, e.caption) for e in plan.edits)
+    seen = []
+    for r in rows:
+        img = poisoned.view.uint8_images([r])[0]
+        src = [t for t in targets if torch.equal(img, smoke_world.test.images[t])]
+        assert len(src) == 1 and pat.search(poisoned.view.caption(r))
+        seen.append((src[0], poisoned.view.caption(r)))
+    assert sorted(seen) == got
 
 
 def test_targeted_replace_and_caption_set(smoke_world):

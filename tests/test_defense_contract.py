@@ -17,7 +17,7 @@ def test_trainview_exposes_no_poison_information(smoke_world):
     public = {n for n in dir(view) if not n.startswith("_")}
     assert public == {
         "captions", "caption", "captions_at", "image_size", "images", "knowledge", "knowledge_at",
-        "subset", "uint8_images", "with_knowledge", "from_pairs",
+        "subset", "uint8_images", "with_knowledge", "from_pairs", "fetch", "in_memory",
     }
     # __slots__: nothing can be smuggled in as an attribute.
     assert not hasattr(view, "__dict__")

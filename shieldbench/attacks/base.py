@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from shieldbench.data.types import LabelledSet, PairSet, to_float
-from shieldbench.data.views import TrainView, quantize
+from shieldbench.data.poison import OverlayEdit, PoisonOverlay
+from shieldbench.data.text import class_pattern
+from shieldbench.data.types import LabelledSet, PairSet
+from shieldbench.data.views import TrainView
 from shieldbench.errors import UserError
 from shieldbench.spec import DEFAULT_POISON_RATE, AttackSpec, digest, validate_options
 
@@ -109,13 +111,6 @@ class PoisonedTrainSet:
     plan: PoisonPlan
 
 
-def class_pattern(name: str) -> re.Pattern[str]:
-    """Word-boundary, plural-aware match of a class name in a caption."""
-    words = [re.escape(w) for w in name.lower().split()]
-    stem = r"\s+".join(words)
-    return re.compile(rf"\b{stem}(?:s|es)?\b", re.IGNORECASE)
-
-
 class Attack(ABC):
     """Base class for attacks. Subclasses set the class attributes and ``Params``."""
 
@@ -190,60 +185,50 @@ class Attack(ABC):
         return images.clamp(0, 1)
 
     # -- applying a plan ---------------------------------------------------------
+    def overlay_edits(self, plan: PoisonPlan) -> list[OverlayEdit]:
+        return [OverlayEdit(e.row, e.source, e.source_index, e.transform, e.position) for e in plan.edits]
+
+    def source_images(self, plan: PoisonPlan) -> dict[int, torch.Tensor]:
+        """Pre-computed uint8 source images for edits (by position in ``plan.edits``)
+        that cannot be produced per index, before their transform; none by default
+        (label-consistent's PGD hardening overrides this)."""
+        return {}
+
+    def _trigger_fn(self, x: torch.Tensor, g: torch.Generator, positions: torch.Tensor | None) -> torch.Tensor:
+        return self.apply_trigger(x, generator=g, positions=positions)
+
+    def _noise_fn(self, x: torch.Tensor, g: torch.Generator, positions: torch.Tensor | None) -> torch.Tensor:
+        return self.apply_noise(x, generator=g)
+
     def poison(self, plan: PoisonPlan) -> PoisonedTrainSet:
-        """Materialise ``plan`` on the training pairs (triggers baked in, 8-bit)."""
+        """``plan`` as an overlay on the training pairs: poisoned rows are produced per index
+        (trigger in float, clamp, 8-bit) when read, appended rows sit at shuffled positions."""
         train = self.ctx.train
         pool = self.ctx.target_pool
-        replaced = [e for e in plan.edits if e.row is not None]
-        appended = [e for e in plan.edits if e.row is None]
-        if self.mix == "replace" and appended:
+        if self.mix == "replace" and any(e.row is None for e in plan.edits):
             raise ValueError("a replace-mode plan cannot append rows")
-        base_images = train.images
-        extra = appended
-        n_base = len(train)
-        images = torch.cat([base_images, base_images.new_empty((len(extra), *base_images.shape[1:]))]) if extra else base_images.clone()
-        captions = list(train.captions) + [""] * len(extra)
+        overlay = PoisonOverlay(
+            train.images, self.overlay_edits(plan), {"trigger": self._trigger_fn, "noise": self._noise_fn},
+            seed=plan.seed, pool=None if pool is None else pool.images, sources=self.source_images(plan),
+        )
+        n = len(overlay)
+        # Captions, labels and flags in the overlay's index space (appended rows get theirs below).
+        base_of, appended = overlay.source_rows()
+        captions = [train.captions[int(b)] if b >= 0 else "" for b in base_of.tolist()]
         labels = None
         if train.labels is not None:
-            labels = torch.cat([train.labels, torch.full((len(extra),), -1, dtype=train.labels.dtype)])
-        is_poison = torch.zeros(len(captions), dtype=torch.bool)
-        rows = [e.row for e in replaced] + [n_base + j for j in range(len(extra))]
-        edits = replaced + extra
-        gen = torch.Generator().manual_seed(plan.seed + 17)
-        for transform in ("trigger", "noise", "none"):
-            sel = [(r, e) for r, e in zip(rows, edits) if e.transform == transform]
-            if not sel:
-                continue
-            src = []
-            for _, e in sel:
+            labels = torch.full((n,), -1, dtype=train.labels.dtype)
+            labels[torch.as_tensor(~appended)] = train.labels
+        is_poison = torch.zeros(n, dtype=torch.bool)
+        for r, e in zip(overlay.edited_rows().tolist(), plan.edits):
+            captions[r] = e.caption if e.caption is not None else train.captions[e.source_index]
+            if labels is not None:
                 if e.source == "pool":
-                    if pool is None:
-                        raise ValueError("plan uses the target pool but none was given")
-                    src.append(pool.images[e.source_index])
-                else:
-                    src.append(train.images[e.source_index])
-            x = to_float(torch.stack(src))
-            if transform == "trigger":
-                pos = None
-                if all(e.position is not None for _, e in sel):
-                    pos = torch.tensor([e.position for _, e in sel], dtype=torch.long)
-                x = self.apply_trigger(x, generator=gen, positions=pos)
-            elif transform == "noise":
-                x = self.apply_noise(x, generator=gen)
-            idx = torch.tensor([r for r, _ in sel], dtype=torch.long)
-            images[idx] = quantize(x)
-            for r, e in sel:
-                if e.caption is not None:
-                    captions[r] = e.caption
-                if labels is not None and e.source == "pool":
                     labels[r] = int(pool.labels[e.source_index])
-                elif labels is not None and r >= n_base:
+                elif e.row is None:
                     labels[r] = int(train.labels[e.source_index])
-                is_poison[r] = transform != "noise"
-        for r, e in zip(rows, edits):
-            if captions[r] == "":
-                captions[r] = train.captions[e.source_index]
-        return PoisonedTrainSet(TrainView(images, captions), is_poison, labels, plan)
+            is_poison[r] = e.transform != "noise"
+        return PoisonedTrainSet(TrainView(overlay, captions), is_poison, labels, plan)
 
     # -- description ---------------------------------------------------------------
     @classmethod

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from shieldbench.attacks.badnets import BadNets
 from shieldbench.attacks.base import PoisonEdit, PoisonPlan, PoisonedTrainSet, class_pattern
 from shieldbench.data.types import to_float
-from shieldbench.data.views import quantize
+from shieldbench.data.poison import quantize
 from shieldbench.errors import UserError
 from shieldbench.registry import register_attack
 from shieldbench.spec import param
@@ -152,29 +152,16 @@ class LabelConsistent(BadNets):
             out.append(x.detach().cpu())
         return torch.cat(out) if out else images.clone()
 
-    def poison(self, plan: PoisonPlan) -> PoisonedTrainSet:
-        """As BadNets, but with the selected images hardened before the patch when ``pgd`` is set."""
-        result = super().poison(plan)
+    def source_images(self, plan: PoisonPlan) -> dict[int, torch.Tensor]:
+        """With ``pgd`` set, the selected images hardened (then 8-bit) before the patch is stamped per row."""
         if not plan.trigger.get("pgd") or not plan.edits:
-            return result
+            return {}
         train = self.ctx.train
-        sel = [(j, e) for j, e in enumerate(plan.edits) if e.transform == "trigger"]
-        n_base = len(train)
-        appended = [j for j, e in enumerate(plan.edits) if e.row is None]
-        row_of = {j: (e.row if e.row is not None else n_base + appended.index(j)) for j, e in sel}
-        src = torch.tensor([e.source_index for _, e in sel], dtype=torch.long)
-        x = self.harden(to_float(train.images[src]), [train.captions[i] for i in src.tolist()])
-        # Same generator and order as Attack.poison (the "trigger" group is drawn first).
-        gen = torch.Generator().manual_seed(plan.seed + 17)
-        pos = None
-        if all(e.position is not None for _, e in sel):
-            pos = torch.tensor([e.position for _, e in sel], dtype=torch.long)
-        x = self.apply_trigger(x, generator=gen, positions=pos)
-        rows = torch.tensor([row_of[j] for j, _ in sel], dtype=torch.long)
-        images = result.view.uint8_images(torch.arange(len(result.view))).clone()
-        images[rows] = quantize(x)
-        view = type(result.view)(images, result.view.captions, result.view.knowledge)
-        return PoisonedTrainSet(view, result.is_poison, result.labels, plan)
+        sel = [k for k, e in enumerate(plan.edits) if e.transform == "trigger"]
+        src = [plan.edits[k].source_index for k in sel]
+        x = self.harden(to_float(train.images[torch.tensor(src, dtype=torch.long)]), [train.captions[i] for i in src])
+        hardened = quantize(x)
+        return {k: hardened[j] for j, k in enumerate(sel)}
 
 
 __all__ = ["LabelConsistent"]

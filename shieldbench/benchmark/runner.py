@@ -120,10 +120,13 @@ def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, 
     if store.has_model("base", key):
         meta = store.load_model_into("base", key, model)
         return model, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
-    if spec.base.epochs == 0:
-        return model, {"key": key, "cached": False, "seconds": 0.0, "steps": 0}
+    if spec.base.epochs == 0 or bundle.pretrain is None or spec.model.pretrained:
+        # No base stage: the pretrained weights (or the random init) are the clean model.
+        return model, {"key": key, "cached": False, "seconds": 0.0, "steps": 0,
+                       "source": "pretrained" if spec.model.pretrained else ("random init" if bundle.pretrain is None or spec.base.epochs == 0 else "")}
     trainer = Trainer(
-        model, TrainView.from_pairs(bundle.pretrain), TrainConfig.from_spec(spec.base, derive_seed(spec.data.seed, "base")),
+        model, TrainView.from_pairs(bundle.pretrain),
+        TrainConfig.from_spec(spec.base, derive_seed(spec.data.seed, "base"), spec.data.on_error, spec.runtime),
         checkpoint_path=store.checkpoint_path("base", key), device=rc.device,
         description="clean base model", show_progress=rc.show_progress,
     )
@@ -135,6 +138,7 @@ def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, 
 
 
 def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | None = None) -> Attack:
+    """The attack over the bundle's training pairs (the zero-shot set is the targeted attack's pool)."""
     cls = ATTACKS.get(spec.attack.name)
     surrogate = (lambda: copy.deepcopy(base).eval()) if base is not None else None
     ctx = AttackContext(train=bundle.train, classnames=bundle.classnames, templates=bundle.templates,
@@ -176,23 +180,25 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
     if store.has_model("train", key):
         meta = store.load_model_into("train", key, model)
         return model, {"key": key, "reused": True, "reused_from": meta.get("run_id", ""), "seconds": 0.0,
-                       "steps": meta.get("steps", 0), "history": meta.get("history", [])}
+                       "steps": meta.get("steps", 0), "history": meta.get("history", []),
+                       "n_skipped_images": meta.get("n_skipped_images", 0)}
     trains = type(defense).trains()
     d = defense if trains else DEFENSES.get("none")(spec.defense.__class__(name="none"))
     ctx = defense_context(rc, "train")
     data = d.prepare_data(view, ctx)
     trainer = Trainer(
-        model, data, TrainConfig.from_spec(spec.train, derive_seed(spec.seed, "train")),
+        model, data, TrainConfig.from_spec(spec.train, derive_seed(spec.seed, "train"), spec.data.on_error, spec.runtime),
         objective=d.objective(ctx), callbacks=d.callbacks(ctx),
         checkpoint_path=store.checkpoint_path("train", key), device=rc.device,
         description=f"train ({d.spec.name})", show_progress=rc.show_progress,
     )
     result = trainer.fit()
     meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history, "run_id": run_id_for(spec),
-            "defense": d.spec.name}
+            "defense": d.spec.name, "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
     store.save_model("train", key, model, meta)
     return model, {"key": key, "reused": False, "seconds": result.seconds, "steps": result.steps,
-                   "resumed_from_epoch": result.resumed_from_epoch, "history": result.history}
+                   "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
+                   "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
 
 
 def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
@@ -219,13 +225,14 @@ def run_evaluation(rc: RunContext, model: ClipModel, bundle: DatasetBundle, atta
             return attack.apply_trigger(x, generator=g)
     pool_idx = sorted({e.source_index for e in plan.edits if e.source == "pool"})
     targets = None
-    if pool_idx:
+    if pool_idx and bundle.test is not None:
         idx = torch.tensor(pool_idx, dtype=torch.long)
         targets = TargetImages(bundle.test.images[idx], bundle.test.labels[idx])
     return evaluate(
         model, bundle.test, bundle.retrieval, plan.target_index, trigger, rc.device,
         batch_size=rc.spec.eval.batch_size, trigger_seed=derive_seed(rc.spec.seed, "eval-trigger"),
         n_backdoor_queries=rc.spec.eval.n_backdoor_queries, target_images=targets,
+        classnames=bundle.classnames, templates=bundle.templates,
     )
 
 
@@ -282,8 +289,9 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
     t_all = time.perf_counter()
     try:
         t = time.perf_counter()
-        bundle = build_dataset(spec.data)
+        bundle = build_dataset(spec.data, spec.eval)
         timings["data_s"] = time.perf_counter() - t
+        record["data"] = dict(bundle.info)
         base, base_info = train_base_model(rc, bundle)
         timings["base_train_s"] = base_info["seconds"]
         record["artifacts"]["base"] = {k: v for k, v in base_info.items() if k != "history"}
@@ -302,6 +310,7 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
         timings["eval_base_s"] = time.perf_counter() - t
         model, train_info = train_victim(rc, base, poisoned.view, defense)
         timings["train_s"] = train_info["seconds"]
+        record["data"]["n_unreadable_train"] = int(train_info.get("n_skipped_images", 0))
         record["artifacts"]["train"] = {k: v for k, v in train_info.items() if k != "history"}
         record["train_history"] = train_info.get("history", [])
         if defense_cls.repairs():

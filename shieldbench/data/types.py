@@ -1,17 +1,21 @@
-"""In-memory containers for image-caption data and evaluation sets.
+"""Containers for image-caption data and evaluation sets.
 
-Images are stored as ``uint8`` tensors of shape ``(N, 3, H, W)`` so that a
-world of tens of thousands of 32-pixel images fits in a few tens of MiB;
-``float_images`` turns a batch into float pixels in ``[0, 1]``, which is the
-space attacks and the model wrapper work in (normalisation lives in the model).
+Images live in an *image array* (:mod:`shieldbench.data.images`): a ``uint8``
+tensor of shape ``(N, 3, H, W)`` for the in-memory synthetic world, or a lazy
+array that decodes rows from disk on demand for real corpora. Captions, labels
+and ids are held in memory (text is small next to pixels). ``float_images``
+turns a batch into float pixels in ``[0, 1]``, which is the space attacks and
+the model wrapper work in (normalisation lives in the model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+
+from shieldbench.data.images import ImageArray, as_index_list, take
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -31,7 +35,7 @@ class PairSet:
     has attached them (a tuple of short phrases per caption).
     """
 
-    images: torch.Tensor
+    images: ImageArray
     captions: list[str]
     labels: torch.Tensor | None = None
     knowledge: list[tuple[str, ...]] | None = None
@@ -55,10 +59,10 @@ class PairSet:
         return to_float(self.images[index])
 
     def subset(self, index: Sequence[int] | torch.Tensor) -> "PairSet":
-        idx = torch.as_tensor(index, dtype=torch.long)
-        il = idx.tolist()
+        il = as_index_list(index, len(self))
+        idx = torch.as_tensor(il, dtype=torch.long)
         return PairSet(
-            images=self.images[idx],
+            images=take(self.images, il),
             captions=[self.captions[i] for i in il],
             labels=None if self.labels is None else self.labels[idx],
             knowledge=None if self.knowledge is None else [self.knowledge[i] for i in il],
@@ -70,7 +74,7 @@ class PairSet:
 class LabelledSet:
     """A labelled image set for zero-shot classification (the test split)."""
 
-    images: torch.Tensor
+    images: ImageArray
     labels: torch.Tensor
     classnames: list[str]
     templates: list[str]
@@ -87,7 +91,7 @@ class RetrievalSet:
     ``caption_labels[j]`` the class the caption names (``-1`` when unknown).
     """
 
-    images: torch.Tensor
+    images: ImageArray
     image_labels: torch.Tensor
     captions: list[str]
     caption_image: torch.Tensor
@@ -102,18 +106,26 @@ class DatasetBundle:
     """Everything one experiment draws on, split so that no image is shared.
 
     - ``pretrain``: clean pairs used to train the shared clean base model
-      (the stand-in for a web-pretrained CLIP);
-    - ``train``: the pairs the attacker poisons and the victim fine-tunes on;
-    - ``clean``: a disjoint clean subset for repair defenses (CleanCLIP);
-    - ``test``: labelled images for zero-shot accuracy and ASR;
-    - ``retrieval``: captioned images for Recall@k and backdoor Hit@k.
+      (the stand-in for a web-pretrained CLIP); None for corpora on disk,
+      where the clean model is a pretrained checkpoint (or a random init);
+    - ``train``: the pairs the attacker poisons and the victim trains on;
+    - ``clean``: a clean subset for repair defenses (CleanCLIP);
+    - ``test``: labelled images for zero-shot accuracy and ASR (None: no
+      zero-shot set was given, so those metrics are not computed);
+    - ``retrieval``: captioned images for Recall@k and backdoor Hit@k (None:
+      not computed).
+
+    ``classnames``/``templates`` are the target vocabulary: the zero-shot
+    set's classes when there is one. ``info`` holds facts for the record
+    (row counts, sources).
     """
 
     name: str
-    pretrain: PairSet
+    pretrain: PairSet | None
     train: PairSet
     clean: PairSet
-    test: LabelledSet
-    retrieval: RetrievalSet
+    test: LabelledSet | None
+    retrieval: RetrievalSet | None
     classnames: list[str]
     templates: list[str]
+    info: dict[str, Any] = field(default_factory=dict)

@@ -14,22 +14,23 @@ from typing import Sequence
 
 import torch
 
+from shieldbench.data.images import ImageArray, as_index_list, fetch, quantize, take
 from shieldbench.data.types import PairSet, to_float
 
 
 class TrainView:
-    """Images (uint8, N x 3 x H x W) and captions, with optional knowledge."""
+    """Images (a uint8 N x 3 x H x W image array) and captions, with optional knowledge."""
 
     __slots__ = ("_images", "_captions", "_knowledge")
 
     def __init__(
         self,
-        images: torch.Tensor,
+        images: ImageArray,
         captions: Sequence[str],
         knowledge: Sequence[tuple[str, ...]] | None = None,
     ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise TypeError("TrainView images must be a uint8 (N, C, H, W) tensor")
+        if images.dtype != torch.uint8 or len(images.shape) != 4:
+            raise TypeError("TrainView images must be a uint8 (N, C, H, W) image array")
         if len(captions) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
         if knowledge is not None and len(knowledge) != len(captions):
@@ -45,6 +46,11 @@ class TrainView:
 
     def __len__(self) -> int:
         return self._images.shape[0]
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether rows come from memory (the loader then uses no worker processes)."""
+        return isinstance(self._images, torch.Tensor) or bool(getattr(self._images, "in_memory", False))
 
     @property
     def image_size(self) -> int:
@@ -63,10 +69,14 @@ class TrainView:
 
     def images(self, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Float images in [0, 1] for the given rows."""
-        return to_float(self._images[torch.as_tensor(index, dtype=torch.long)])
+        return to_float(self.uint8_images(index))
 
     def uint8_images(self, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        return self._images[torch.as_tensor(index, dtype=torch.long)]
+        return self._images[torch.as_tensor(as_index_list(index, len(self)), dtype=torch.long)]
+
+    def fetch(self, index: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, list[int], list[str]]:
+        """The readable rows of ``index`` (uint8) and the positions that could not be read, with why."""
+        return fetch(self._images, index)
 
     def captions_at(self, index: torch.Tensor | Sequence[int]) -> list[str]:
         return [self._captions[i] for i in torch.as_tensor(index).tolist()]
@@ -80,12 +90,10 @@ class TrainView:
         return TrainView(self._images, self._captions, knowledge)
 
     def subset(self, index: Sequence[int] | torch.Tensor) -> "TrainView":
-        idx = torch.as_tensor(index, dtype=torch.long)
-        il = idx.tolist()
+        il = as_index_list(index, len(self))
         know = None if self._knowledge is None else [self._knowledge[i] for i in il]
-        return TrainView(self._images[idx], [self._captions[i] for i in il], know)
+        return TrainView(take(self._images, il), [self._captions[i] for i in il], know)
 
 
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Float [0,1] -> uint8, clamping first (CleanCLIP skips the clamp; we don't)."""
-    return images.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+__all__ = ["TrainView", "quantize"]

@@ -5,6 +5,12 @@ does not import attacks). Triggered test images go through the same 8-bit
 quantisation as the training poisons, so train and test triggers are the same
 function. The evaluated checkpoint is always the last one: no epoch is ever
 selected by test ASR, which a defender cannot see.
+
+Evaluation sets may live on disk (lazy image arrays read through the data
+loader) and may be absent: with no zero-shot set there is no clean accuracy
+or ASR, with no retrieval set no Recall@k or Hit@k. An image that cannot be
+read is left out of every metric that needs it and counted
+(``n_unreadable_test`` / ``n_unreadable_retrieval``).
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from typing import Callable
 
 import torch
 
+from shieldbench.data.images import ImageArray, quantize
+from shieldbench.data.loader import iter_rows
 from shieldbench.data.types import LabelledSet, RetrievalSet, to_float
-from shieldbench.data.views import quantize
 from shieldbench.evaluation import metrics as M
 from shieldbench.models.clip import ClipModel
 
@@ -31,12 +38,32 @@ class TargetImages:
 
 
 @torch.no_grad()
-def embed_images(model: ClipModel, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = to_float(images[i : i + batch_size]).to(device)
-        out.append(model.encode_image(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+def embed_images(model: ClipModel, images: ImageArray, batch_size: int, device: torch.device,
+                 trigger: "Trigger | None" = None, trigger_seed: int = 0) -> torch.Tensor:
+    """Embeddings of every row, in order; a row that cannot be read gets a NaN row.
+
+    With ``trigger``, each batch is triggered in float, clamped and quantised
+    to 8 bits before embedding (one generator, consumed in row order).
+    """
+    n = images.shape[0]
+    out: torch.Tensor | None = None
+    g = torch.Generator().manual_seed(trigger_seed)
+    for rows in iter_rows(images, batch_size):
+        if rows.index.numel() == 0:
+            continue
+        x = rows.images
+        if trigger is not None:
+            x = quantize(trigger(to_float(x), g))
+        emb = model.encode_image(to_float(x).to(device)).float().cpu()
+        if out is None:
+            out = torch.full((n, emb.shape[1]), float("nan"))
+        out[rows.index] = emb
+    return out if out is not None else torch.full((n, 1), float("nan"))
+
+
+def readable(emb: torch.Tensor) -> torch.Tensor:
+    """Rows that were read (not NaN)."""
+    return ~emb.isnan().any(dim=1)
 
 
 @torch.no_grad()
@@ -56,13 +83,6 @@ def class_embeddings(model: ClipModel, classnames: list[str], templates: list[st
     return M.zeroshot_classifier(emb.view(len(classnames), len(templates), -1))
 
 
-def triggered(images: torch.Tensor, trigger: Trigger, seed: int, batch_size: int = 1024) -> torch.Tensor:
-    """Apply the trigger in float, clamp, quantise to uint8 (as at training time)."""
-    g = torch.Generator().manual_seed(seed)
-    parts = [quantize(trigger(to_float(images[i : i + batch_size]), g)) for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(parts)
-
-
 def _logits(emb: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(emb, dim=-1) @ classifier.t()
 
@@ -70,8 +90,8 @@ def _logits(emb: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(
     model: ClipModel,
-    test: LabelledSet,
-    retrieval: RetrievalSet,
+    test: LabelledSet | None,
+    retrieval: RetrievalSet | None,
     target: int,
     trigger: Trigger | None,
     device: torch.device,
@@ -79,57 +99,93 @@ def evaluate(
     trigger_seed: int = 0,
     n_backdoor_queries: int = 0,
     target_images: TargetImages | None = None,
+    classnames: list[str] | None = None,
+    templates: list[str] | None = None,
 ) -> dict[str, float]:
-    """All metrics of one model as a flat dict of floats (fractions in [0, 1])."""
+    """All metrics of one model as a flat dict of floats (fractions in [0, 1]).
+
+    ``classnames``/``templates`` give the zero-shot classifier when there is
+    no test set (targeted poisoning success on its own target images).
+    """
     model.eval().to(device)
     out: dict[str, float] = {}
-    classifier = class_embeddings(model, test.classnames, test.templates, device)
-    clean_emb = embed_images(model, test.images, batch_size, device)
-    clean_logits = _logits(clean_emb, classifier)
-    acc = M.topk_accuracy(clean_logits, test.labels, ks=(1, 5))
-    out["clean_top1"] = acc[1].value
-    out["clean_top5"] = acc[5].value
-    out["n_test"] = float(len(test))
+    names = test.classnames if test is not None else classnames
+    temps = test.templates if test is not None else templates
+    classifier = class_embeddings(model, names, temps, device) if names else None
 
-    # Retrieval utility on clean images and captions.
-    ret_img = embed_images(model, retrieval.images, batch_size, device)
-    ret_txt = embed_texts(model, retrieval.captions, batch_size, device)
-    out.update(M.retrieval_recall(ret_img, ret_txt, retrieval.caption_image, ks=(1, 5, 10)))
+    if test is not None:
+        clean_emb = embed_images(model, test.images, batch_size, device)
+        ok = readable(clean_emb)
+        labels = test.labels[ok]
+        clean_logits = _logits(clean_emb[ok], classifier)
+        k5 = min(5, len(names))  # a set of fewer than 5 classes has no top-5 beyond all classes
+        acc = M.topk_accuracy(clean_logits, labels, ks=(1, k5))
+        out["clean_top1"] = acc[1].value
+        out["clean_top5"] = acc[k5].value
+        out["n_test"] = float(int(ok.sum()))
+        out["n_unreadable_test"] = float(int((~ok).sum()))
+        if trigger is not None:
+            trig_emb = embed_images(model, test.images, batch_size, device, trigger, trigger_seed)
+            tok = readable(trig_emb)
+            trig_logits = _logits(trig_emb[tok], classifier)
+            tl = test.labels[tok]
+            asr1 = M.attack_success_rate(trig_logits, tl, target, k=1)
+            asr5 = M.attack_success_rate(trig_logits, tl, target, k=k5)
+            out.update({"asr": asr1.value, "asr_ci_low": asr1.ci_low, "asr_ci_high": asr1.ci_high,
+                        "asr_n": float(asr1.n), "asr_top5": asr5.value})
+            out["robust_acc"] = M.robust_accuracy(trig_logits, tl, target).value
 
-    if trigger is not None:
-        trig_images = triggered(test.images, trigger, trigger_seed)
-        trig_logits = _logits(embed_images(model, trig_images, batch_size, device), classifier)
-        asr1 = M.attack_success_rate(trig_logits, test.labels, target, k=1)
-        asr5 = M.attack_success_rate(trig_logits, test.labels, target, k=5)
-        out.update({"asr": asr1.value, "asr_ci_low": asr1.ci_low, "asr_ci_high": asr1.ci_high,
-                    "asr_n": float(asr1.n), "asr_top5": asr5.value})
-        out["robust_acc"] = M.robust_accuracy(trig_logits, test.labels, target).value
-        # Backdoor Hit@k (Semantic Shield): triggered non-target images retrieve captions.
-        keep = (retrieval.image_labels != target).nonzero().flatten()
-        if n_backdoor_queries:
-            keep = keep[:n_backdoor_queries]
-        q = triggered(retrieval.images[keep], trigger, trigger_seed + 1)
-        hits = M.backdoor_hit_at_k(embed_images(model, q, batch_size, device), ret_txt, retrieval.caption_labels, target)
-        for k, r in hits.items():
-            out[f"hit@{k}"] = r.value
-        # The same Hit@k on clean queries: what retrieval gives without the trigger.
-        clean_hits = M.backdoor_hit_at_k(ret_img[keep], ret_txt, retrieval.caption_labels, target, ks=(1,))
-        out["hit@1_clean"] = clean_hits[1].value
+    ret_img = ret_txt = None
+    if retrieval is not None:
+        # Retrieval utility on clean images and captions (unreadable images and their captions left out).
+        ret_img_all = embed_images(model, retrieval.images, batch_size, device)
+        ok = readable(ret_img_all)
+        keep_caps = ok[retrieval.caption_image]
+        new_index = torch.cumsum(ok.long(), 0) - 1
+        ret_img = ret_img_all[ok]
+        ret_captions = [c for c, k in zip(retrieval.captions, keep_caps.tolist()) if k]
+        ret_txt = embed_texts(model, ret_captions, batch_size, device)
+        caption_image = new_index[retrieval.caption_image[keep_caps]]
+        caption_labels = retrieval.caption_labels[keep_caps]
+        image_labels = retrieval.image_labels[ok]
+        out["n_unreadable_retrieval"] = float(int((~ok).sum()))
+        out.update(M.retrieval_recall(ret_img, ret_txt, caption_image, ks=(1, 5, 10)))
+        if trigger is not None:
+            # Backdoor Hit@k (Semantic Shield): triggered non-target images retrieve captions.
+            keep = (image_labels != target).nonzero().flatten()
+            if n_backdoor_queries:
+                keep = keep[:n_backdoor_queries]
+            readable_rows = ok.nonzero().flatten()[keep]
+            q = embed_images(model, _rows(retrieval.images, readable_rows), batch_size, device, trigger, trigger_seed + 1)
+            q = q[readable(q)]
+            hits = M.backdoor_hit_at_k(q, ret_txt, caption_labels, target)
+            for k, r in hits.items():
+                out[f"hit@{k}"] = r.value
+            # The same Hit@k on clean queries: what retrieval gives without the trigger.
+            clean_hits = M.backdoor_hit_at_k(ret_img[keep], ret_txt, caption_labels, target, ks=(1,))
+            out["hit@1_clean"] = clean_hits[1].value
 
-    if target_images is not None and target_images.images.shape[0]:
+    if target_images is not None and target_images.images.shape[0] and classifier is not None:
         t_emb = embed_images(model, target_images.images, batch_size, device)
         success = M.targeted_poisoning_success(_logits(t_emb, classifier), target)
         out.update({"poison_success": success.value, "poison_success_ci_low": success.ci_low,
                     "poison_success_ci_high": success.ci_high, "poison_n": float(success.n)})
         # Text -> image retrieval of each target image among the clean gallery.
-        query = classifier[target : target + 1]
-        ranks = []
-        for i in range(t_emb.shape[0]):
-            gallery = torch.cat([t_emb[i : i + 1], ret_img])
-            ranks.append(M.text_to_image_rank(query, gallery, torch.zeros(1, dtype=torch.long)))
-        r = torch.cat(ranks)
-        for k, v in M.hit_at_k_from_ranks(r, (1, 5, 10)).items():
-            out[f"poison_hit@{k}"] = v
-        out["poison_min_rank"] = float(r.min())
-        out["poison_mean_rank"] = float(r.float().mean())
+        if ret_img is not None:
+            query = classifier[target : target + 1]
+            ranks = []
+            for i in range(t_emb.shape[0]):
+                gallery = torch.cat([t_emb[i : i + 1], ret_img])
+                ranks.append(M.text_to_image_rank(query, gallery, torch.zeros(1, dtype=torch.long)))
+            r = torch.cat(ranks)
+            for k, v in M.hit_at_k_from_ranks(r, (1, 5, 10)).items():
+                out[f"poison_hit@{k}"] = v
+            out["poison_min_rank"] = float(r.min())
+            out["poison_mean_rank"] = float(r.float().mean())
     return out
+
+
+def _rows(images: ImageArray, rows: torch.Tensor) -> ImageArray:
+    from shieldbench.data.images import take
+
+    return take(images, rows.tolist())

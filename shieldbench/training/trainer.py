@@ -3,10 +3,14 @@
 Everything that differs between defenses comes in through an
 :class:`~shieldbench.training.contracts.Objective` and
 :class:`~shieldbench.training.contracts.Callback` objects. The loop itself
-does: seeded per-epoch shuffling (so a resumed run sees the same batches),
-AdamW with open_clip's no-decay rule, per-step warmup + cosine LR, gradient
-clipping, the logit-scale clamp at 100, bf16 autocast on CUDA, a NaN guard,
-per-epoch checkpoints with resume, and a rich progress bar.
+does: batches through a ``DataLoader`` (worker processes for data on disk,
+pinned memory on CUDA) from a seeded per-epoch permutation, so a resumed run
+sees the same batches, even when it resumes mid-epoch; AdamW with open_clip's
+no-decay rule, per-step warmup + cosine LR, gradient clipping, the
+logit-scale clamp at 100, bf16 autocast on CUDA, a NaN guard, checkpoints at
+each epoch's end (and every ``checkpoint_every`` steps) with resume, a count
+of unreadable images (skipped, or the run fails, by policy), the time spent
+waiting for data, and a rich progress bar.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Sequence
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from shieldbench.data.loader import EpochBatchSampler, RowBatch, default_workers, make_loader
 from shieldbench.data.views import TrainView
 from shieldbench.models.clip import ClipModel
 from shieldbench.training.checkpoint import atomic_torch_save, safe_load
@@ -30,6 +35,10 @@ from shieldbench.training.schedule import make_optimizer, warmup_cosine
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stops with status ``diverged``."""
+
+
+class DataError(RuntimeError):
+    """An unreadable training image under ``on_error=fail``: the run stops with the file named."""
 
 
 @dataclass
@@ -44,13 +53,22 @@ class TrainConfig:
     precision: str = "auto"
     seed: int = 0
     max_logit_scale: float = 100.0
+    workers: int = -1
+    """DataLoader worker processes; -1 = 0 for in-memory images, up to 4 for images on disk."""
+    on_error: str = "skip"
+    """An unreadable image: ``skip`` (left out of its batch and counted) or ``fail``."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many steps (0: at each epoch's end only)."""
 
     @classmethod
-    def from_spec(cls, spec, seed: int) -> "TrainConfig":
+    def from_spec(cls, spec, seed: int, on_error: str = "skip", runtime=None) -> "TrainConfig":
+        """From a TrainSpec, plus the data's error policy and the RuntimeSpec (workers, checkpoints)."""
         return cls(
             epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, weight_decay=spec.weight_decay,
             warmup_steps=spec.warmup_steps, min_lr_ratio=spec.min_lr_ratio, grad_clip=spec.grad_clip,
-            precision=spec.precision, seed=seed,
+            precision=spec.precision, seed=seed, on_error=on_error,
+            workers=-1 if runtime is None else runtime.workers,
+            checkpoint_every=0 if runtime is None else runtime.checkpoint_every,
         )
 
 
@@ -75,6 +93,9 @@ class TrainResult:
     resumed_from_epoch: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    n_skipped_images: int = 0
+    data_wait_s: float = 0.0
+    """Time the loop spent waiting for the next batch (this process, this call)."""
 
 
 class Trainer:
@@ -108,7 +129,8 @@ class Trainer:
         n = len(data)
         # Contrastive losses need full batches: drop the ragged last one.
         self.batch_size = min(config.batch_size, n)
-        self.steps_per_epoch = max(1, n // self.batch_size)
+        self.sampler = EpochBatchSampler(n, self.batch_size, config.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * config.epochs
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
         self.step = 0
@@ -116,16 +138,19 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.state: dict[str, object] = {}  # scratch space for callbacks
         self._callback_states: list[dict | None] = []  # from a resumed checkpoint
+        self.n_skipped_images = 0
+        self._resume_batch = 0
+        self._resume_sums: dict[str, float] = {}
+        workers = config.workers if config.workers >= 0 else default_workers(data)
+        self.loader = make_loader(data, self.sampler, workers=workers, pin_memory=self.device.type == "cuda")
 
     # -- batches ----------------------------------------------------------------
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        return torch.randperm(len(self.data), generator=g)
-
-    def make_batch(self, index: torch.Tensor, epoch: int) -> Batch:
+    def make_batch(self, rows: RowBatch, epoch: int) -> Batch:
+        index = rows.index
         captions = self.data.captions_at(index)
+        images = rows.images.to(self.device, non_blocking=True).float().div_(255.0)
         return Batch(
-            images=self.data.images(index).to(self.device, non_blocking=True),
+            images=images,
             captions=captions,
             tokens=self.model.tokenize(captions).to(self.device, non_blocking=True),
             index=index,
@@ -135,7 +160,8 @@ class Trainer:
         )
 
     # -- checkpoints ------------------------------------------------------------
-    def _save(self, epoch: int) -> None:
+    def _save(self, epoch: int, next_batch: int = 0, sums: dict[str, float] | None = None) -> None:
+        """Checkpoint; ``next_batch`` > 0 marks a mid-epoch one (resume at that batch of ``epoch``)."""
         if self.checkpoint_path is None:
             return
         atomic_torch_save(
@@ -143,14 +169,18 @@ class Trainer:
                 "model": self.model.clip.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "epoch": epoch,
+                "next_batch": next_batch,
+                "sums": dict(sums or {}),
                 "step": self.step,
                 "history": self.history,
+                "n_skipped_images": self.n_skipped_images,
                 "callbacks": [cb.state_dict() for cb in self.callbacks],
             },
             self.checkpoint_path,
         )
 
     def _resume(self) -> int:
+        """Load the checkpoint if any; returns the epoch to start (``_resume_batch`` the batch in it)."""
         if self.checkpoint_path is None or not self.checkpoint_path.is_file():
             return 0
         state = safe_load(self.checkpoint_path)
@@ -158,7 +188,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.n_skipped_images = int(state.get("n_skipped_images", 0))
         self._callback_states = list(state.get("callbacks", []))
+        next_batch = int(state.get("next_batch", 0))
+        if next_batch > 0:
+            self._resume_batch = next_batch
+            self._resume_sums = {k: float(v) for k, v in state.get("sums", {}).items()}
+            return int(state["epoch"])
         return int(state["epoch"]) + 1
 
     # -- loop -------------------------------------------------------------------
@@ -185,24 +221,39 @@ class Trainer:
         )
         progress = Progress(*columns, disable=not self.show_progress, transient=False)
         epochs_run = 0
+        data_wait = 0.0
         with progress:
             task = progress.add_task(self.description, total=self.total_steps, completed=self.step, loss=float("nan"))
             for epoch in range(start_epoch, self.config.epochs):
                 self.epoch = epoch
                 self.model.train()
+                first = self._resume_batch if epoch == start_epoch else 0
+                sums = dict(self._resume_sums) if first else {}
+                self._resume_batch, self._resume_sums = 0, {}
                 for cb in self.callbacks:
                     cb.on_epoch_start(self, epoch)
-                order = self.epoch_order(epoch)
-                sums: dict[str, float] = {}
-                for b in range(self.steps_per_epoch):
-                    index = order[b * self.batch_size : (b + 1) * self.batch_size]
-                    batch = self.make_batch(index, epoch)
+                self.sampler.set_epoch(epoch, first)
+                batches = iter(self.loader)
+                for b in range(first, self.steps_per_epoch):
+                    t_wait = time.perf_counter()
+                    rows = next(batches)
+                    data_wait += time.perf_counter() - t_wait
+                    if rows.failed:
+                        if self.config.on_error == "fail":
+                            raise DataError(rows.errors[0])
+                        self.n_skipped_images += len(rows.failed)
+                    if rows.index.numel() < 2:  # nothing to contrast: every row unreadable
+                        continue
+                    batch = self.make_batch(rows, epoch)
                     out = self.train_step(batch)
                     for k, v in out.logs.items():
                         sums[k] = sums.get(k, 0.0) + v
                     for cb in self.callbacks:
                         cb.on_step_end(self, batch, out)
                     progress.update(task, advance=1, loss=float(out.loss.detach()))
+                    every = self.config.checkpoint_every
+                    if every and self.step % every == 0 and b + 1 < self.steps_per_epoch:
+                        self._save(epoch, next_batch=b + 1, sums=sums)
                 row = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                        "logit_scale": float(self.model.logit_scale.exp().detach())}
                 row.update({k: v / self.steps_per_epoch for k, v in sums.items()})
@@ -212,7 +263,8 @@ class Trainer:
                 self._save(epoch)
                 epochs_run += 1
         self.model.eval()
-        return TrainResult(self.step, epochs_run, start_epoch, time.perf_counter() - start, self.history)
+        return TrainResult(self.step, epochs_run, start_epoch, time.perf_counter() - start, self.history,
+                           n_skipped_images=self.n_skipped_images, data_wait_s=data_wait)
 
     def train_step(self, batch: Batch) -> LossOutput:
         self.set_lr()
@@ -232,4 +284,4 @@ class Trainer:
         return out
 
 
-__all__ = ["Trainer", "TrainConfig", "TrainResult", "TrainingDiverged", "pick_device"]
+__all__ = ["DataError", "Trainer", "TrainConfig", "TrainResult", "TrainingDiverged", "pick_device"]
