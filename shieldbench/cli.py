@@ -143,6 +143,7 @@ def print_dry_run(spec: Any, report: dict[str, Any]) -> None:
     out.print(f"[bold]{spec.attack.name} x {spec.defense.name}[/bold]  model {spec.model.name}"
               f"{' (' + spec.model.pretrained + ')' if spec.model.pretrained else ''}, dataset {spec.data.dataset}, "
               f"preset {spec.preset}, seed {spec.seed}, spec {report['spec_hash'][:8]}")
+    out.print(f"weights: {report['weights']}")
     t = Table(title="data (a sample of each split decoded)")
     for c in ("split", "rows", "on disk", "sample unreadable"):
         t.add_column(c)

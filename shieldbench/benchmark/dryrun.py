@@ -16,12 +16,14 @@ time on another device can be read off its sustained throughput.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from shieldbench.attacks.base import PoisonPlan
-from shieldbench.benchmark.runner import make_attack, new_model
+from shieldbench.benchmark.runner import make_attack
+from shieldbench.models.factory import build_model, native_image_size
 from shieldbench.data.datasets import build_dataset
 from shieldbench.data.images import LazyImages, fetch
 from shieldbench.data.types import DatasetBundle
@@ -64,7 +66,8 @@ def step_cost(spec: ExperimentSpec, batches: tuple[int, int]) -> dict[str, float
     from shieldbench.training.losses import ClipObjective
 
     device = pick_device()
-    model = new_model(spec).to(device).train()
+    # Random init: the weights do not change a step's cost, and nothing is downloaded.
+    model = build_model(spec.model.name, "", spec.data.image_size).to(device).train()
     objective = ClipObjective()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
@@ -109,8 +112,21 @@ def plan_summary(spec: ExperimentSpec, bundle: DatasetBundle) -> dict[str, Any]:
             "target": plan.target}
 
 
+def check_weights(spec: ExperimentSpec) -> str:
+    """A tag open_clip knows or a readable weights file, trained at ``data.image_size``; else a UserError."""
+    if not spec.model.pretrained:
+        return "random init"
+    size = native_image_size(spec.model.name, spec.model.pretrained)
+    if size and size != spec.data.image_size:
+        raise UserError(f"model {spec.model.name} with pretrained weights expects image size {size}; "
+                        f"set data.image_size={size}")
+    kind = "file" if Path(spec.model.pretrained).is_file() else "open_clip tag (downloaded on first use unless cached)"
+    return f"{spec.model.pretrained}: {kind}, image size {size}"
+
+
 def dry_run(spec: ExperimentSpec, measure: bool = True) -> dict[str, Any]:
     """Everything ``--dry-run`` prints, as a dict (see the module docstring)."""
+    weights = check_weights(spec)
     bundle = build_dataset(spec.data, spec.eval)
     checks = [check_images("train", bundle.train.images), check_images("clean", bundle.clean.images)]
     if bundle.pretrain is not None:
@@ -134,7 +150,11 @@ def dry_run(spec: ExperimentSpec, measure: bool = True) -> dict[str, Any]:
                        "batch": spec.base.batch_size})
     else:
         stages.append({"stage": "clean model", "what": "random init (trained from scratch on the poisoned corpus)", "steps": 0})
-    stages.append({"stage": "poison", "what": f"{spec.attack.name}: {plan['n_poisoned']} poisoned rows ({plan['mix']})", "steps": 0})
+    poison_note = ""
+    if plan["n_poisoned"] == 0 and spec.attack.name != "none":
+        poison_note = " -- no poisons at this corpus size: raise attack.poison_rate or set attack.n_poison"
+    stages.append({"stage": "poison", "what": f"{spec.attack.name}: {plan['n_poisoned']} poisoned rows ({plan['mix']}){poison_note}",
+                   "steps": 0})
     train_steps = spec.train.epochs * (n_rows // min(spec.train.batch_size, n_rows))
     trains = defense_cls.trains()
     stages.append({"stage": "train", "what": f"{spec.train.epochs} epochs on {n_rows} rows"
@@ -148,10 +168,11 @@ def dry_run(spec: ExperimentSpec, measure: bool = True) -> dict[str, Any]:
                        "steps": rep_steps, "batch": rep_batch})
     n_eval = (0 if bundle.test is None else 2 * len(bundle.test)) + (0 if bundle.retrieval is None else 2 * len(bundle.retrieval))
     stages.append({"stage": "evaluate", "what": f"{n_eval} image embeddings", "steps": 0})
-    out: dict[str, Any] = {"spec_hash": spec.hash(), "data": checks, "stages": stages, "dataset": dict(bundle.info)}
+    out: dict[str, Any] = {"spec_hash": spec.hash(), "weights": weights, "data": checks, "stages": stages,
+                           "dataset": dict(bundle.info)}
     if measure:
         full = spec.train.batch_size
-        cost = step_cost(spec, (min(4, full), min(16, full)))
+        cost = step_cost(spec, (min(2, full), min(8, full)))
         total_steps = sum(int(s["steps"]) for s in stages)
         per_step = cost["fixed_s"] + cost["per_sample_s"] * full
         flops_step = cost["flops_per_sample"] * full
