@@ -89,7 +89,8 @@ def run(
     attack: Optional[str] = typer.Option(None, "--attack", "-a", help="attack name (default: the config's, else badnets; see `shieldbench list attacks`)"),
     defense: Optional[str] = typer.Option(None, "--defense", "-d", help="defense name (default: the config's, else none; see `shieldbench list defenses`)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="model name (default: the preset's)"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset name (default: synthetic)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="synthetic (default) | csv | webdataset | coco | flickr30k "
+                                          "(with --set data.path=...)"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke | small (default small)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML experiment file"),
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="master seed"),

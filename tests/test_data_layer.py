@@ -309,3 +309,39 @@ def test_trainer_resumes_mid_epoch_exactly(smoke_world, tmp_path):
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
     assert np.isclose(full.history[-1]["loss"], resumed.history[-1]["loss"], atol=1e-6)
+
+
+def test_cache_keys_follow_the_corpus_content(digits, tmp_path):
+    from shieldbench.benchmark.runner import data_identity
+
+    csv_path = tmp_path / "train.csv"
+    lines = digits.train_csv.read_text().splitlines()
+    lines = [lines[0]] + [f"{digits.root}/{ln}" for ln in lines[1:]]  # absolute paths: the copy reads the same files
+    csv_path.write_text("\n".join(lines) + "\n")
+    spec = spec_for(digits, "csv")
+    spec = spec.__class__(**{**spec.__dict__, "data": spec.data.__class__(**{**spec.data.__dict__, "path": str(csv_path)})})
+    before = data_identity(spec)
+    lines[5] = lines[5].replace("digit", "numeral")  # one caption edited, same path
+    csv_path.write_text("\n".join(lines) + "\n")
+    build_dataset.cache_clear()
+    after = data_identity(spec)
+    assert before["spec"] == after["spec"] and before["content"] != after["content"]
+
+
+def test_unreadable_evaluation_images_are_left_out_and_counted_or_fail(digits, tmp_path):
+    from shieldbench.data.formats.zeroshot import read_zeroshot
+    from shieldbench.data.images import BadImage
+    from shieldbench.evaluation.evaluate import evaluate
+    from shieldbench.models.factory import build_model
+
+    folder = tmp_path / "test"
+    shutil.copytree(digits.test_dir, folder)
+    victim = sorted((folder / "three").glob("*.png"))[0]
+    victim.write_bytes(b"\x89PNG truncated")
+    test = read_zeroshot(str(folder), 32, "", "simple", "filepath", "label", 0)
+    torch.manual_seed(0)
+    model = build_model("micro-vit", "", 32)
+    m = evaluate(model, test, None, 7, None, torch.device("cpu"), batch_size=128)
+    assert m["n_unreadable_test"] == 1 and m["n_test"] == digits.n_test - 1
+    with pytest.raises(BadImage, match=str(victim)):
+        evaluate(model, test, None, 7, None, torch.device("cpu"), batch_size=128, on_error="fail")

@@ -5,8 +5,10 @@ An :class:`Attack` is built from an ``AttackSpec`` and an
 templates of the target vocabulary, and a pool of held-out labelled images for
 attacks that need a target image). It produces a :class:`PoisonPlan`, a
 JSON-serialisable, seed-deterministic description of every edit; the base
-class turns a plan into a :class:`PoisonedTrainSet` (images with triggers
-baked in and quantised to 8 bits, captions replaced) and the runner keeps the
+class turns a plan into a :class:`PoisonedTrainSet`: a view over a
+:class:`~shieldbench.data.poison.PoisonOverlay`, which produces each poisoned
+row when it is read (trigger in float, clamped, quantised to 8 bits; caption
+replaced; appended rows at shuffled positions), and the runner keeps the
 ``is_poison`` flags to itself. ``apply_trigger`` is the one function used on
 training poisons and test images alike.
 """
@@ -14,7 +16,6 @@ training poisons and test images alike.
 from __future__ import annotations
 
 import json
-import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar

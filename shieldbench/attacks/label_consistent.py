@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from shieldbench.attacks.badnets import BadNets
-from shieldbench.attacks.base import PoisonEdit, PoisonPlan, PoisonedTrainSet, class_pattern
+from shieldbench.attacks.base import PoisonEdit, PoisonPlan, class_pattern
 from shieldbench.data.types import to_float
 from shieldbench.data.poison import quantize
 from shieldbench.errors import UserError

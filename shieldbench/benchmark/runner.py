@@ -94,6 +94,13 @@ class RunContext:
 
 
 # -- stages --------------------------------------------------------------------------------
+def data_identity(spec: ExperimentSpec) -> dict[str, Any]:
+    """The data spec, the dataset's version and, for a corpus on disk, its manifest's content hash."""
+    version = getattr(DATASETS.get(spec.data.dataset), "version", "")
+    content = build_dataset(spec.data, spec.eval).info.get("fingerprint", "") if spec.data.dataset != "synthetic" else ""
+    return {"spec": spec.data, "version": version, "content": content}
+
+
 def base_key(spec: ExperimentSpec) -> str:
     d = spec.data
     version = getattr(DATASETS.get(d.dataset), "version", "")
@@ -103,8 +110,8 @@ def base_key(spec: ExperimentSpec) -> str:
 
 def train_key(spec: ExperimentSpec, defense_cls: type[Defense]) -> str:
     defense_part = spec.defense if defense_cls.trains() else {"name": "none", "options": {}}
-    return digest({"base": base_key(spec), "data": spec.data, "model": spec.model, "base_spec": spec.base, "train": spec.train,
-                   "attack": spec.attack, "seed": spec.seed, "defense": defense_part})
+    return digest({"base": base_key(spec), "data": data_identity(spec), "model": spec.model, "base_spec": spec.base,
+                   "train": spec.train, "attack": spec.attack, "seed": spec.seed, "defense": defense_part})
 
 
 def new_model(spec: ExperimentSpec) -> ClipModel:
@@ -148,7 +155,7 @@ def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | N
 
 def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
     spec = rc.spec
-    key = digest({"data": spec.data, "attack": spec.attack, "seed": spec.seed})
+    key = digest({"data": data_identity(spec), "attack": spec.attack, "seed": spec.seed})
     cached = rc.store.load_json("plans", key, "plan.json")
     if cached is not None:
         try:
@@ -203,7 +210,7 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
 
 def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
     spec, store = rc.spec, rc.store
-    key = digest({"trained": trained_key, "defense": spec.defense, "data": spec.data, "seed": spec.seed})
+    key = digest({"trained": trained_key, "defense": spec.defense, "data": data_identity(spec), "seed": spec.seed})
     repaired = copy.deepcopy(model)
     if store.has_model("repair", key):
         meta = store.load_model_into("repair", key, repaired)
@@ -232,7 +239,7 @@ def run_evaluation(rc: RunContext, model: ClipModel, bundle: DatasetBundle, atta
         model, bundle.test, bundle.retrieval, plan.target_index, trigger, rc.device,
         batch_size=rc.spec.eval.batch_size, trigger_seed=derive_seed(rc.spec.seed, "eval-trigger"),
         n_backdoor_queries=rc.spec.eval.n_backdoor_queries, target_images=targets,
-        classnames=bundle.classnames, templates=bundle.templates,
+        classnames=bundle.classnames, templates=bundle.templates, on_error=rc.spec.data.on_error,
     )
 
 
@@ -244,7 +251,7 @@ def evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle, 
     to the plan instead of being re-evaluated for each of them.
     """
     spec = rc.spec
-    key = digest({"base": base_key(spec), "attack": spec.attack, "plan": plan.hash(), "eval": spec.eval,
+    key = digest({"base": base_key(spec), "data": data_identity(spec), "attack": spec.attack, "plan": plan.hash(), "eval": spec.eval,
                   "seed": spec.seed})
     cached = rc.store.load_json("base_eval", key, "metrics.json")
     if cached is not None:

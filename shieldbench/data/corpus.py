@@ -29,7 +29,33 @@ import numpy as np
 
 from shieldbench.data.types import DatasetBundle, LabelledSet, PairSet, RetrievalSet
 from shieldbench.errors import UserError
-from shieldbench.spec import DataSpec, EvalSpec
+from shieldbench.spec import DataSpec, EvalSpec, digest
+
+
+def _pairs_fingerprint(pairs: PairSet) -> dict:
+    images = pairs.images
+    part = images.fingerprint() if hasattr(images, "fingerprint") else {"n": len(pairs)}
+    return {"images": part, "captions": digest(pairs.captions)}
+
+
+def fingerprint(train: PairSet, clean: PairSet, test: LabelledSet | None, retrieval: RetrievalSet | None) -> str:
+    """A content hash of the corpus manifest (image references and captions, labels of the eval sets).
+
+    It enters every cache key built from the data, so an edited CSV or a
+    re-written shard set is never mistaken for the old one. Image files'
+    bytes are not hashed (a corpus has millions); shards are identified by
+    name and size, files by path.
+    """
+    parts: dict = {"train": _pairs_fingerprint(train), "clean": _pairs_fingerprint(clean)}
+    if test is not None:
+        fp = test.images.fingerprint() if hasattr(test.images, "fingerprint") else {}
+        parts["test"] = {"images": fp, "labels": test.labels.tolist(), "classes": list(test.classnames),
+                         "templates": list(test.templates)}
+    if retrieval is not None:
+        fp = retrieval.images.fingerprint() if hasattr(retrieval.images, "fingerprint") else {}
+        parts["retrieval"] = {"images": fp, "captions": digest(retrieval.captions),
+                              "caption_image": digest(retrieval.caption_image.tolist())}
+    return digest(parts)
 
 
 def require_path(name: str, path: str, what: str = "data.path") -> Path:
@@ -82,7 +108,8 @@ def assemble(name: str, read: Callable[[str], PairSet], spec: DataSpec, eval_spe
                                        classnames)
     info = {"n_train": len(train), "n_clean": len(clean), "n_test": 0 if test is None else len(test),
             "n_retrieval_images": 0 if retrieval is None else len(retrieval),
-            "clean_source": spec.clean_path or f"{len(clean)} corpus rows"}
+            "clean_source": spec.clean_path or f"{len(clean)} corpus rows",
+            "fingerprint": fingerprint(train, clean, test, retrieval)}
     return DatasetBundle(name=name, pretrain=None, train=train, clean=clean, test=test, retrieval=retrieval,
                          classnames=classnames, templates=templates, info=info)
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from shieldbench.data.images import ImageArray, quantize
+from shieldbench.data.images import BadImage, ImageArray, quantize
 from shieldbench.data.loader import iter_rows
 from shieldbench.data.types import LabelledSet, RetrievalSet, to_float
 from shieldbench.evaluation import metrics as M
@@ -39,8 +39,9 @@ class TargetImages:
 
 @torch.no_grad()
 def embed_images(model: ClipModel, images: ImageArray, batch_size: int, device: torch.device,
-                 trigger: "Trigger | None" = None, trigger_seed: int = 0) -> torch.Tensor:
-    """Embeddings of every row, in order; a row that cannot be read gets a NaN row.
+                 trigger: "Trigger | None" = None, trigger_seed: int = 0, on_error: str = "skip") -> torch.Tensor:
+    """Embeddings of every row, in order; a row that cannot be read gets a NaN row
+    (``on_error="fail"``: raises :class:`~shieldbench.data.images.BadImage` naming the file).
 
     With ``trigger``, each batch is triggered in float, clamped and quantised
     to 8 bits before embedding (one generator, consumed in row order).
@@ -49,6 +50,8 @@ def embed_images(model: ClipModel, images: ImageArray, batch_size: int, device: 
     out: torch.Tensor | None = None
     g = torch.Generator().manual_seed(trigger_seed)
     for rows in iter_rows(images, batch_size):
+        if rows.failed and on_error == "fail":
+            raise BadImage(rows.errors[0])
         if rows.index.numel() == 0:
             continue
         x = rows.images
@@ -101,6 +104,7 @@ def evaluate(
     target_images: TargetImages | None = None,
     classnames: list[str] | None = None,
     templates: list[str] | None = None,
+    on_error: str = "skip",
 ) -> dict[str, float]:
     """All metrics of one model as a flat dict of floats (fractions in [0, 1]).
 
@@ -114,7 +118,7 @@ def evaluate(
     classifier = class_embeddings(model, names, temps, device) if names else None
 
     if test is not None:
-        clean_emb = embed_images(model, test.images, batch_size, device)
+        clean_emb = embed_images(model, test.images, batch_size, device, on_error=on_error)
         ok = readable(clean_emb)
         labels = test.labels[ok]
         clean_logits = _logits(clean_emb[ok], classifier)
@@ -125,7 +129,7 @@ def evaluate(
         out["n_test"] = float(int(ok.sum()))
         out["n_unreadable_test"] = float(int((~ok).sum()))
         if trigger is not None:
-            trig_emb = embed_images(model, test.images, batch_size, device, trigger, trigger_seed)
+            trig_emb = embed_images(model, test.images, batch_size, device, trigger, trigger_seed, on_error)
             tok = readable(trig_emb)
             trig_logits = _logits(trig_emb[tok], classifier)
             tl = test.labels[tok]
@@ -138,7 +142,7 @@ def evaluate(
     ret_img = ret_txt = None
     if retrieval is not None:
         # Retrieval utility on clean images and captions (unreadable images and their captions left out).
-        ret_img_all = embed_images(model, retrieval.images, batch_size, device)
+        ret_img_all = embed_images(model, retrieval.images, batch_size, device, on_error=on_error)
         ok = readable(ret_img_all)
         keep_caps = ok[retrieval.caption_image]
         new_index = torch.cumsum(ok.long(), 0) - 1

@@ -141,11 +141,13 @@ class Trainer:
         self.n_skipped_images = 0
         self._resume_batch = 0
         self._resume_sums: dict[str, float] = {}
-        workers = config.workers if config.workers >= 0 else default_workers(data)
-        self.loader = make_loader(data, self.sampler, workers=workers, pin_memory=self.device.type == "cuda")
+        self.workers = config.workers if config.workers >= 0 else default_workers(data)
 
     # -- batches ----------------------------------------------------------------
-    def make_batch(self, rows: RowBatch, epoch: int) -> Batch:
+    def make_batch(self, rows: RowBatch | torch.Tensor, epoch: int) -> Batch:
+        """A Batch from a loader's RowBatch (or, for benchmarks and tests, from row indices)."""
+        if isinstance(rows, torch.Tensor):
+            rows = RowBatch(self.data.uint8_images(rows), rows)
         index = rows.index
         captions = self.data.captions_at(index)
         images = rows.images.to(self.device, non_blocking=True).float().div_(255.0)
@@ -222,6 +224,8 @@ class Trainer:
         progress = Progress(*columns, disable=not self.show_progress, transient=False)
         epochs_run = 0
         data_wait = 0.0
+        # Made here, not in __init__, so its worker processes end with fit().
+        loader = make_loader(self.data, self.sampler, workers=self.workers, pin_memory=self.device.type == "cuda")
         with progress:
             task = progress.add_task(self.description, total=self.total_steps, completed=self.step, loss=float("nan"))
             for epoch in range(start_epoch, self.config.epochs):
@@ -233,7 +237,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_epoch_start(self, epoch)
                 self.sampler.set_epoch(epoch, first)
-                batches = iter(self.loader)
+                batches = iter(loader)
                 for b in range(first, self.steps_per_epoch):
                     t_wait = time.perf_counter()
                     rows = next(batches)
