@@ -121,7 +121,7 @@ class EvalSpec:
     retrieval_path: str = ""
     """Retrieval set for corpora without one: a CSV of image and caption (several rows per image allowed)."""
     max_images: int = field(default=0, metadata=_rng(0))
-    """Use only the first this many zero-shot images (0 = all)."""
+    """Use only this many zero-shot images, a class-balanced prefix (classes taken round-robin; 0 = all)."""
 
 
 @dataclass(frozen=True)

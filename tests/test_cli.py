@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 
 import pytest
 
-EXE = shutil.which("shieldbench")
+from cli_helpers import EXE, one_error_line, sb
+
 pytestmark = pytest.mark.skipif(EXE is None, reason="shieldbench is not installed (pip install -e .)")
-
-
-def sb(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
-
-
-def one_error_line(proc) -> str:
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert proc.returncode == 2, proc.stderr + proc.stdout
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize(

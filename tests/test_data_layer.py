@@ -10,14 +10,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from cli_helpers import needs_cli, one_error_line, sb
 
 from shieldbench.benchmark.runner import make_attack
 from shieldbench.data.datasets import build_dataset
@@ -25,23 +25,8 @@ from shieldbench.data.loader import EpochBatchSampler, epoch_order, make_loader
 from shieldbench.data.views import TrainView
 from shieldbench.spec import build_spec
 
-EXE = shutil.which("shieldbench")
-needs_cli = pytest.mark.skipif(EXE is None, reason="shieldbench is not installed (pip install -e .)")
-
 # Small enough for seconds: micro-vit, one epoch, 5% poisons, a digit as the target.
 SMOKE = ["--preset", "smoke", "-q", "--set", "attack.target=seven", "--set", "attack.poison_rate=0.05"]
-
-
-def sb(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
-
-
-def one_error_line(proc) -> str:
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert proc.returncode == 2, proc.stderr + proc.stdout
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 def corpus_args(digits, fmt: str) -> list[str]:
