@@ -330,3 +330,10 @@ def test_unreadable_evaluation_images_are_left_out_and_counted_or_fail(digits, t
     assert m["n_unreadable_test"] == 1 and m["n_test"] == digits.n_test - 1
     with pytest.raises(BadImage, match=str(victim)):
         evaluate(model, test, None, 7, None, torch.device("cpu"), batch_size=128, on_error="fail")
+
+
+@needs_cli
+def test_dry_run_checks_option_files(tmp_path):
+    line = one_error_line(sb("run", "--preset", "smoke", "-a", "blended", "--set", "attack.key=file",
+                             "--set", "attack.key_path=/no/such/key.png", "--dry-run", "-o", str(tmp_path)))
+    assert "attack.key_path: file not found: /no/such/key.png" in line

@@ -124,9 +124,18 @@ def check_weights(spec: ExperimentSpec) -> str:
     return f"{spec.model.pretrained}: {kind}, image size {size}"
 
 
+def check_option_files(spec: ExperimentSpec) -> None:
+    """Every ``*_path`` option of the attack and the defense (a key image, a knowledge file) exists."""
+    for section in ("attack", "defense"):
+        for key, value in getattr(spec, section).options.items():
+            if key.endswith("_path") and value and not Path(str(value)).exists():
+                raise UserError(f"{section}.{key}: file not found: {value}")
+
+
 def dry_run(spec: ExperimentSpec, measure: bool = True) -> dict[str, Any]:
     """Everything ``--dry-run`` prints, as a dict (see the module docstring)."""
     weights = check_weights(spec)
+    check_option_files(spec)
     bundle = build_dataset(spec.data, spec.eval)
     checks = [check_images("train", bundle.train.images), check_images("clean", bundle.clean.images)]
     if bundle.pretrain is not None:
