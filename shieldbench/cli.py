@@ -325,8 +325,10 @@ def leaderboard(
                 cells.append("-")
             elif m.endswith("_s"):
                 cells.append(f"{mean:.1f}")
+            elif std is None or (isinstance(std, float) and math.isnan(std)):
+                cells.append(f"{100 * mean:.1f}")  # one seed: no spread to show
             else:
-                cells.append(f"{100 * mean:.1f} ± {100 * (std or 0):.1f}")
+                cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
         t.add_row(*cells)
     out.print(t)
 

@@ -424,3 +424,8 @@ def test_targeted_replace_and_caption_set(smoke_world):
     assert len(rows) == 10 and changed_rows(smoke_world, poisoned) <= rows
     train_caps = set(smoke_world.train.captions)
     assert all(e.caption in train_caps for e in plan.edits)
+
+
+def test_plan_names_its_attack(smoke_world):
+    for name in ("badnets", "blended", "targeted"):
+        assert make(smoke_world, name).plan(0).attack == name

@@ -74,3 +74,13 @@ def test_grid_writes_report_and_resumes(tmp_path):
     assert again.returncode == 0 and "finished: reusing its record" in again.stderr
     line = one_error_line(sb("grid", "--seeds", "a,b", cwd=tmp_path))
     assert "--seeds" in line
+
+
+def test_config_attack_and_defense_are_not_replaced_by_flag_defaults(tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('preset = "smoke"\n[attack]\nname = "blended"\n[defense]\nname = "semantic_shield"\n')
+    proc = sb("run", "--config", str(cfg), "--dry-run", "-o", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    assert "blended x semantic_shield" in proc.stdout
+    proc = sb("run", "--config", str(cfg), "-a", "badnets", "--dry-run", "-o", str(tmp_path / "r"))
+    assert "badnets x semantic_shield" in proc.stdout

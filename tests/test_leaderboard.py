@@ -11,7 +11,8 @@ from shieldbench.benchmark import leaderboard as L
 
 def _record(variant: str | None, seed: int, asr: float, ca: float, attack: str = "badnets") -> dict:
     options = {"variant": variant} if variant else {}
-    spec = {"preset": "small", "seed": seed, "attack": {"name": attack, "options": {"size": 4}},
+    spec = {"preset": "small", "seed": seed, "attack": {"name": attack, "target": "banana", "poison_rate": 0.02,
+                                                        "options": {"size": 4}},
             "defense": {"name": "semantic_shield" if variant else "none", "options": options}}
     return {"run_id": f"{attack}-{variant}-{seed}", "status": "ok", "attack": attack,
             "defense": spec["defense"]["name"], "model": "tiny-vit", "dataset": "synthetic", "preset": "small",
@@ -29,10 +30,15 @@ def test_settings_are_rows_and_seeds_are_averaged():
     assert ke["asr_mean"] == pytest.approx(0.85)
     assert ke["asr_std"] == pytest.approx(math.sqrt(((0.05) ** 2 * 2) / 1))
     # 95% t interval with 1 degree of freedom: mean +- t(0.975, 1) * sd / sqrt(2)
+    # half = 12.706 * 0.0707 / 1.414 = 0.635: the interval is clipped to what a fraction can be.
     half = 12.706204736174707 * ke["asr_std"] / math.sqrt(2)
-    assert ke["asr_ci_low"] == pytest.approx(0.85 - half) and ke["asr_ci_high"] == pytest.approx(0.85 + half)
+    assert ke["asr_seed_ci_low"] == pytest.approx(max(0.0, 0.85 - half)) == pytest.approx(0.215, abs=1e-3)
+    assert ke["asr_seed_ci_high"] == 1.0
+    assert ke["seeds"] == "0,1"
     attn = board.loc[("semantic_shield", "defense.variant=attn")]
-    assert attn["n_seeds"] == 1 and attn["asr_mean"] == pytest.approx(0.10) and attn["asr_std"] == 0.0
+    assert attn["n_seeds"] == 1 and attn["asr_mean"] == pytest.approx(0.10)
+    # One seed: no spread, and no interval pretending to be one.
+    assert math.isnan(attn["asr_std"]) and math.isnan(attn["asr_seed_ci_low"]) and math.isnan(attn["asr_seed_ci_high"])
     none = board.loc[("none", "")]  # one setting in its family: no label
     assert none["n_seeds"] == 2 and none["clean_top1_mean"] == pytest.approx(0.96)
 
@@ -43,3 +49,16 @@ def test_identical_labels_are_told_apart_by_config():
     board = L.leaderboard_frame(L.runs_frame([a, b]))
     assert len(board) == 2 and board["config"].nunique() == 2
     assert all("config" in s for s in board["setting"])
+
+
+def test_seed_intervals_stay_in_range_and_are_named_apart_from_wilson():
+    recs = [_record(None, s, asr, 0.9) for s, asr in ((0, 0.02), (1, 0.0), (2, 0.05))]
+    for r, secs in zip(recs, (1.0, 40.0, 2.0)):
+        r["timings"] = {"train_s": secs}
+        r["metrics"]["asr_ci_low"] = 0.001  # a run's own Wilson interval
+    runs = L.runs_frame(recs)
+    assert "asr_ci_low" in runs.columns  # per run: Wilson
+    row = L.leaderboard_frame(runs).iloc[0]
+    assert "asr_ci_low" not in row.index and row["asr_seed_ci_low"] == 0.0  # clipped at 0, not negative
+    assert row["train_s_seed_ci_low"] == 0.0 and row["train_s_seed_ci_high"] > 40
+    assert row["target"] == "banana" and row["n_seeds"] == 3 and row["seeds"] == "0,1,2"

@@ -74,3 +74,44 @@ def test_preset_plugin_defaults_resolve_and_yield_to_the_user():
     mine = api.make_spec(attack="wanet", defense="roclip", overrides=["defense.crop_min_scale=0.3", "attack.s=2"])
     assert mine.defense.options["crop_min_scale"] == 0.3 and mine.attack.options["s"] == 2.0
     assert small.hash() != mine.hash()
+
+
+# -- precedence: preset < config file < --set < explicit flags; an unset flag changes nothing ------------
+def _config(tmp_path, text: str):
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_file_beats_preset(tmp_path):
+    from shieldbench import api
+
+    cfg = _config(tmp_path, '[model]\nname = "tiny-vit"\n[train]\nepochs = 2\n')
+    spec = api.make_spec(preset="smoke", config=cfg)
+    assert spec.model.name == "tiny-vit" and spec.train.epochs == 2  # the smoke preset says micro-vit, 1 epoch
+    assert spec.data.n_train == 384  # what the file leaves alone stays the preset's
+
+
+def test_set_beats_config_file(tmp_path):
+    from shieldbench import api
+
+    cfg = _config(tmp_path, '[attack]\nname = "blended"\n[train]\nepochs = 2\n')
+    spec = api.make_spec(preset="smoke", config=cfg, overrides=["attack.name=wanet", "train.epochs=4"])
+    assert spec.attack.name == "wanet" and spec.train.epochs == 4
+
+
+def test_explicit_flags_beat_set(tmp_path):
+    from shieldbench import api
+
+    cfg = _config(tmp_path, '[attack]\nname = "blended"\n')
+    spec = api.make_spec(attack="badnets", defense="roclip", seed=5, preset="smoke", config=cfg,
+                         overrides=["attack.name=wanet", "defense.name=cleanclip", "seed=2"])
+    assert (spec.attack.name, spec.defense.name, spec.seed) == ("badnets", "roclip", 5)
+
+
+def test_unset_flags_change_nothing(tmp_path):
+    from shieldbench import api
+
+    cfg = _config(tmp_path, 'seed = 3\n[attack]\nname = "blended"\n[defense]\nname = "semantic_shield"\n')
+    spec = api.make_spec(attack=None, defense=None, model=None, dataset=None, seed=None, preset="smoke", config=cfg)
+    assert (spec.attack.name, spec.defense.name, spec.seed) == ("blended", "semantic_shield", 3)

@@ -165,7 +165,7 @@ class Attack(ABC):
 
     def _new_plan(self, seed: int, edits: list[PoisonEdit], **notes: Any) -> PoisonPlan:
         return PoisonPlan(
-            attack=self.name, target=self.ctx.classnames[self.target_index], target_index=self.target_index,
+            attack=self.spec.name, target=self.ctx.classnames[self.target_index], target_index=self.target_index,
             threat_model=self.threat_model, mix=self.mix, seed=seed, n_requested=self.n_requested(),
             edits=edits, trigger=dict(self.trigger_state), notes=notes,
         )

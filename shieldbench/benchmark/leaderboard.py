@@ -1,10 +1,15 @@
 """Leaderboard tables, always rebuilt from the run records.
 
 ``runs.csv`` has one row per run (seed level, failed runs included with their
-status and error). ``leaderboard.csv`` has one row per (attack, defense,
-model, dataset, preset) over the successful runs: mean, std (ddof=1) and a
-95% Student-t interval over seeds for each headline metric, plus n_seeds and
-the number of failed runs. Neither file is ever edited in place.
+status and error); its ``asr_ci_low`` / ``asr_ci_high`` are the run's own
+Wilson interval over test images. ``leaderboard.csv`` has one row per
+setting (everything but the seed) over the successful runs: for each
+headline metric the mean, the std over seeds (ddof=1) and a 95% Student-t
+interval over seeds (``<metric>_seed_ci_low`` / ``_seed_ci_high``), plus
+n_seeds, the seeds, the target, the poison rate and the number of failed
+runs. With one seed there is no spread: std and interval are empty, not 0.
+Intervals stay inside what a metric can be: [0, 1] for fractions, >= 0 for
+times and memory, >= 1 for ranks. Neither file is ever edited in place.
 """
 
 from __future__ import annotations
@@ -104,6 +109,10 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         row.update({k: v for k, v in (r.get("timings") or {}).items()})
         row["peak_memory_mb"] = r.get("peak_memory_mb")
         plan = r.get("plan") or {}
+        attack_spec = (r.get("spec") or {}).get("attack") or {}
+        row["target"] = attack_spec.get("target")
+        row["poison_rate"] = attack_spec.get("poison_rate")
+        row["n_poison"] = attack_spec.get("n_poison")
         row["n_poisoned"] = plan.get("n_poisoned")
         row["plan_hash"] = plan.get("hash")
         row["train_reused"] = ((r.get("artifacts") or {}).get("train") or {}).get("reused")
@@ -114,15 +123,27 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-def t_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, float]:
+# Metrics that are not fractions, with the range they live in.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "train_s": (0.0, math.inf), "cost_train_s": (0.0, math.inf), "total_s": (0.0, math.inf),
+    "peak_memory_mb": (0.0, math.inf), "poison_mean_rank": (1.0, math.inf),
+}
+
+
+def bounds(metric: str) -> tuple[float, float]:
+    """Where a metric's values can lie: [0, 1] for fractions unless listed in BOUNDS."""
+    return BOUNDS.get(metric, (0.0, 1.0))
+
+
+def t_interval(values: pd.Series, confidence: float = 0.95,
+               lo: float = -math.inf, hi: float = math.inf) -> tuple[float, float]:
+    """Student-t interval of the mean over seeds, clipped to [lo, hi]; empty (NaN) below two values."""
     v = values.dropna().astype(float)
     n = len(v)
-    if n == 0:
+    if n < 2:
         return math.nan, math.nan
-    if n == 1:
-        return float(v.iloc[0]), float(v.iloc[0])
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / math.sqrt(n)
-    return float(v.mean() - half), float(v.mean() + half)
+    return float(max(lo, v.mean() - half)), float(min(hi, v.mean() + half))
 
 
 def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
@@ -134,15 +155,20 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
         good = ok.loc[ok.index.intersection(group.index)]
         row: dict[str, Any] = dict(zip([*GROUP, "setting", "config"], key))
         row["n_seeds"] = int(good["seed"].nunique()) if len(good) else 0
+        row["seeds"] = ",".join(str(int(x)) for x in sorted(good["seed"].dropna().unique())) if len(good) else ""
+        for col in ("target", "poison_rate", "n_poison"):
+            if col in group.columns:
+                vals = group[col].dropna().unique()
+                row[col] = vals[0] if len(vals) == 1 else ""
         row["n_failed"] = int((group["status"] != "ok").sum())
         for m in HEADLINE:
             if m not in good.columns or good[m].dropna().empty:
                 continue
             vals = good[m].astype(float)
             row[f"{m}_mean"] = float(vals.mean())
-            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals.dropna()) > 1 else 0.0
-            lo, hi = t_interval(vals)
-            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = lo, hi
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals.dropna()) > 1 else math.nan
+            lo, hi = t_interval(vals, lo=bounds(m)[0], hi=bounds(m)[1])
+            row[f"{m}_seed_ci_low"], row[f"{m}_seed_ci_high"] = lo, hi
         out.append(row)
     return pd.DataFrame(out)
 
