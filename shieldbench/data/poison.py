@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from shieldbench.data.images import BadImage, ImageArray, LazyImages, as_index_list, quantize
+from shieldbench.data.images import fetch as fetch_rows
 from shieldbench.data.types import to_float
 
 Transform = Callable[[torch.Tensor, torch.Generator, "torch.Tensor | None"], torch.Tensor]
@@ -172,8 +173,6 @@ class PoisonOverlay(LazyImages):
         failed: list[int] = []
         why: list[str] = []
         if plain_pos.size:
-            from shieldbench.data.images import fetch as fetch_rows
-
             imgs, bad, msgs = fetch_rows(self._base, base_rows)
             good = np.delete(plain_pos, bad)
             out[torch.as_tensor(good)] = imgs
@@ -197,14 +196,6 @@ class PoisonOverlay(LazyImages):
             return self._base.describe(j) if isinstance(self._base, LazyImages) else f"row {j}"
         src = self._pool if edit.source == "pool" else self._base
         return src.describe(edit.source_index) if isinstance(src, LazyImages) else f"row {edit.source_index}"
-
-    def materialize(self, index: Any | None = None) -> torch.Tensor:
-        """Every row (or rows ``index``) as one uint8 tensor (tests, small worlds)."""
-        rows = list(range(self._n)) if index is None else as_index_list(index, self._n)
-        images, failed, why = self.fetch(rows)
-        if failed:
-            raise BadImage(why[0])
-        return images
 
 
 __all__ = ["OverlayEdit", "PoisonOverlay", "TRANSFORMS", "appended_positions", "quantize", "row_seed"]
