@@ -297,7 +297,7 @@ def test_trainer_resumes_mid_epoch_exactly(smoke_world, tmp_path):
 
 
 def test_cache_keys_follow_the_corpus_content(digits, tmp_path):
-    from shieldbench.benchmark.runner import data_identity
+    from shieldbench.benchmark.keys import data_identity
 
     csv_path = tmp_path / "train.csv"
     lines = digits.train_csv.read_text().splitlines()

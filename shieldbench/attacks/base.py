@@ -116,6 +116,8 @@ class Attack(ABC):
     """Base class for attacks. Subclasses set the class attributes and ``Params``."""
 
     name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    """Bump when a change moves this attack's poisons: it is part of every cache key built on them."""
     threat_model: ClassVar[str] = "dirty_label"
     paper: ClassVar[str] = ""
     default_mix: ClassVar[str] = "replace"

@@ -1,15 +1,16 @@
 """Run one cell: data -> base model -> plan -> poison -> train -> repair -> evaluate -> record.
 
-Every stage's output is an artifact keyed by the hash of exactly its inputs:
+Every stage's output is an artifact keyed by the hash of exactly its inputs
+(:mod:`shieldbench.benchmark.keys`, code versions and file contents included):
 
-- ``base/<key>``: the clean base model (stand-in for a web-pretrained CLIP),
-  keyed by the data, model and base-training specs; shared by every attack,
-  defense and seed;
-- ``plans/<key>``: the poison plan, keyed by data, attack and seed;
-- ``train/<key>``: the victim's checkpoint, keyed by data, model, base,
-  training, attack, seed and the defense *if it changes training* (a
-  post-training defense reuses the ``none`` checkpoint);
-- ``repair/<key>``: the repaired checkpoint of a post-training defense.
+- ``base/<key>``: the clean base model (stand-in for a web-pretrained CLIP);
+  shared by every attack, defense and seed;
+- ``plans/<key>``: the poison plan, per data, attack and seed;
+- ``train/<key>``: the victim's checkpoint; the defense is in the key only
+  *if it changes training* (a post-training defense reuses the ``none``
+  checkpoint);
+- ``repair/<key>``: the repaired checkpoint of a post-training defense;
+- ``base_eval/<key>``: the clean base model's metrics under the trigger.
 
 The runner alone sees the poison flags and the trigger. The defense gets a
 TrainView and a DefenseContext; the evaluator gets the trigger as a function.
@@ -34,6 +35,7 @@ import torch
 from rich.console import Console
 
 from shieldbench.attacks.base import Attack, AttackContext, PoisonPlan
+from shieldbench.benchmark.keys import base_eval_key, base_key, plan_key, repair_key, train_key
 from shieldbench.benchmark.store import ArtifactStore
 from shieldbench.data.datasets import build_dataset
 from shieldbench.data.types import DatasetBundle
@@ -45,8 +47,8 @@ from shieldbench.fileio import atomic_write_json, atomic_write_text, read_json
 from shieldbench.knowledge import knowledge_source_for
 from shieldbench.models.clip import ClipModel
 from shieldbench.models.factory import build_model
-from shieldbench.registry import ATTACKS, DATASETS, DEFENSES
-from shieldbench.spec import ExperimentSpec, derive_seed, digest
+from shieldbench.registry import ATTACKS, DEFENSES
+from shieldbench.spec import ExperimentSpec, derive_seed
 from shieldbench.training.trainer import TrainConfig, Trainer, TrainingDiverged, pick_device
 
 
@@ -94,26 +96,6 @@ class RunContext:
 
 
 # -- stages --------------------------------------------------------------------------------
-def data_identity(spec: ExperimentSpec) -> dict[str, Any]:
-    """The data spec, the dataset's version and, for a corpus on disk, its manifest's content hash."""
-    version = getattr(DATASETS.get(spec.data.dataset), "version", "")
-    content = build_dataset(spec.data, spec.eval).info.get("fingerprint", "") if spec.data.dataset != "synthetic" else ""
-    return {"spec": spec.data, "version": version, "content": content}
-
-
-def base_key(spec: ExperimentSpec) -> str:
-    d = spec.data
-    version = getattr(DATASETS.get(d.dataset), "version", "")
-    data_part = {"dataset": d.dataset, "version": version, "seed": d.seed, "image_size": d.image_size, "n_pretrain": d.n_pretrain, "path": d.path}
-    return digest({"data": data_part, "model": spec.model, "base": spec.base})
-
-
-def train_key(spec: ExperimentSpec, defense_cls: type[Defense]) -> str:
-    defense_part = spec.defense if defense_cls.trains() else {"name": "none", "options": {}}
-    return digest({"base": base_key(spec), "data": data_identity(spec), "model": spec.model, "base_spec": spec.base,
-                   "train": spec.train, "attack": spec.attack, "seed": spec.seed, "defense": defense_part})
-
-
 def new_model(spec: ExperimentSpec) -> ClipModel:
     return build_model(spec.model.name, spec.model.pretrained, spec.data.image_size)
 
@@ -155,7 +137,7 @@ def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | N
 
 def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
     spec = rc.spec
-    key = digest({"data": data_identity(spec), "attack": spec.attack, "seed": spec.seed})
+    key = plan_key(spec)
     cached = rc.store.load_json("plans", key, "plan.json")
     if cached is not None:
         try:
@@ -182,7 +164,7 @@ def defense_context(rc: RunContext, phase: str) -> DefenseContext:
 
 def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defense) -> tuple[ClipModel, dict[str, Any]]:
     spec, store = rc.spec, rc.store
-    key = train_key(spec, type(defense))
+    key = train_key(spec, type(defense).trains())
     model = copy.deepcopy(base)
     if store.has_model("train", key):
         meta = store.load_model_into("train", key, model)
@@ -210,7 +192,7 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
 
 def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
     spec, store = rc.spec, rc.store
-    key = digest({"trained": trained_key, "defense": spec.defense, "data": data_identity(spec), "seed": spec.seed})
+    key = repair_key(spec, trained_key)
     repaired = copy.deepcopy(model)
     if store.has_model("repair", key):
         meta = store.load_model_into("repair", key, repaired)
@@ -251,8 +233,7 @@ def evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle, 
     to the plan instead of being re-evaluated for each of them.
     """
     spec = rc.spec
-    key = digest({"base": base_key(spec), "data": data_identity(spec), "attack": spec.attack, "plan": plan.hash(), "eval": spec.eval,
-                  "seed": spec.seed})
+    key = base_eval_key(spec, plan.hash())
     cached = rc.store.load_json("base_eval", key, "metrics.json")
     if cached is not None:
         return cached

@@ -49,6 +49,8 @@ class Defense:
     """Base class: every hook is a no-op, so ``Defense`` itself is ``none``."""
 
     name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    """Bump when a change moves this defense's results: it is part of its checkpoints' cache keys."""
     paper: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
 

@@ -219,6 +219,7 @@ def _make_tiny_factory(name: str) -> Callable[..., ClipModel]:
         return model
 
     factory.__doc__ = TINY_CONFIGS[name].description
+    factory.version = "1"  # type: ignore[attr-defined]  # bump when the config changes: it enters cache keys
     return factory
 
 
