@@ -46,6 +46,18 @@ def test_checkerboard_pattern_values():
     assert torch.equal(p[0], expected) and torch.equal(p[1], expected)
 
 
+def test_sparse_checkerboard_is_semantic_shields_released_trigger():
+    # Their code: patch = zeros((32, 32, 3)); patch[::8, ::8] = 255; patch[1::8, 1::8] = 255.
+    p = T.make_patch("sparse_checkerboard", 32)
+    assert p.shape == (3, 32, 32) and int(p[0].sum()) == 32
+    ones = {(i, j) for i in range(32) for j in range(32) if p[0, i, j] == 1}
+    assert ones == {(i, j) for i in range(0, 32, 8) for j in range(0, 32, 8)} | {
+        (i, j) for i in range(1, 32, 8) for j in range(1, 32, 8)}
+    assert torch.equal(p[0], p[2])
+    small = T.make_patch("sparse_checkerboard", 4)[0]
+    assert small.nonzero().tolist() == [[0, 0], [1, 1]]
+
+
 def test_noise_patch_seeded_fixed_and_in_range():
     a = T.make_patch("noise", 5, generator=gen(1))
     b = T.make_patch("noise", 5, generator=gen(1))

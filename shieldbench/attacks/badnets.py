@@ -5,7 +5,8 @@ Dirty-label: ``n`` random pairs get a patch stamped on the image,
 
 - ``pattern``: ``noise`` (one seeded uniform-noise patch, the default),
   ``grid`` (Huang et al.: ones at even rows and columns), ``checkerboard``
-  (Semantic Shield), ``cleanclip`` (CleanCLIP's per-image patch: the image's
+  (dense, 1-pixel cells), ``sparse_checkerboard`` (Semantic Shield's released
+  trigger: black with 2 white pixels per 8x8 cell), ``cleanclip`` (CleanCLIP's per-image patch: the image's
   per-channel mean + N(0,1) noise, resampled for every image, i.e. a family of
   triggers);
 - ``location``: ``corner`` (bottom-right, fixed) or ``random`` (uniform per
@@ -47,7 +48,7 @@ class BadNets(Attack):
 
     @dataclass(frozen=True)
     class Params:
-        pattern: str = param("noise", "patch pattern", choices=("noise", "grid", "checkerboard", "cleanclip"))
+        pattern: str = param("noise", "patch pattern", choices=("noise", "grid", "checkerboard", "sparse_checkerboard", "cleanclip"))
         location: str = param("corner", "bottom-right corner, or uniformly random per image", choices=("corner", "random"))
         size: int = param(0, "patch side in pixels (0 = size_fraction x image side)", lo=0, hi=1024)
         size_fraction: float = param(16 / 224, "patch side as a fraction of the image side when size = 0", lo=0, hi=1, lo_open=True)
@@ -65,7 +66,7 @@ class BadNets(Attack):
         state: dict = {"size": side, "pattern": self.params.pattern, "location": self.params.location}
         if self.params.test_location != "same":
             state["test_location"] = self.params.test_location
-        if self.params.pattern in ("noise", "grid", "checkerboard"):
+        if self.params.pattern in ("noise", "grid", "checkerboard", "sparse_checkerboard"):
             g = torch.Generator().manual_seed(seed)
             state["patch"] = T.make_patch(self.params.pattern, side, 3, generator=g).tolist()
         self.trigger_state = state

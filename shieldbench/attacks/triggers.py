@@ -11,7 +11,7 @@ Triggers
 --------
 * **BadNets** (Gu et al. 2017): ``x' = (1 - m) * x + m * p`` with ``m`` the
   patch area. :func:`make_patch` builds the fixed patterns (Huang et al.'s
-  grid, seeded noise, Semantic Shield's checkerboard), :func:`stamp_patch`
+  grid, seeded noise, a dense checkerboard, Semantic Shield's sparse one), :func:`stamp_patch`
   pastes a patch (shared or per image) at per-image positions without a Python
   loop, :func:`cleanclip_noise_patch` is CleanCLIP's per-image
   "channel mean + N(0, 1)" patch family.
@@ -57,12 +57,12 @@ __all__ = [
     "wanet_noise_grid",
 ]
 
-PatchKind = Literal["grid", "noise", "checkerboard"]
+PatchKind = Literal["grid", "noise", "checkerboard", "sparse_checkerboard"]
 Corner = Literal["top_left", "top_right", "bottom_left", "bottom_right"]
 Size2 = Union[int, tuple[int, int]]
 
 #: Patch patterns understood by :func:`make_patch`.
-PATCH_KINDS: tuple[str, ...] = ("grid", "noise", "checkerboard")
+PATCH_KINDS: tuple[str, ...] = ("grid", "noise", "checkerboard", "sparse_checkerboard")
 #: Corners understood by :func:`corner_positions`.
 CORNERS: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
 
@@ -131,10 +131,13 @@ def make_patch(
       column ``j`` are both even (0-based), ``0`` elsewhere.
     * ``"noise"`` -- uniform ``[0, 1)`` noise drawn once from ``generator``
       (required); the same generator state gives the same patch.
-    * ``"checkerboard"`` -- Semantic Shield's sparse checkerboard of 1-pixel
-      cells: ``p[i, j] = 1`` where ``i + j`` is even, ``0`` elsewhere.
+    * ``"checkerboard"`` -- a dense checkerboard of 1-pixel cells:
+      ``p[i, j] = 1`` where ``i + j`` is even, ``0`` elsewhere (half the pixels).
+    * ``"sparse_checkerboard"`` -- Semantic Shield's released trigger: black,
+      with ``p[i, j] = 1`` where ``i % 8 == j % 8 == 0`` or ``i % 8 == j % 8 == 1``
+      (2 pixels in every 8x8 cell: 32 of 1,024 in their 32x32 patch).
 
-    The grid and checkerboard are identical across channels.
+    The fixed patterns are identical across channels.
     """
     if size < 1:
         raise UserError(f"patch size must be >= 1, got {size}")
@@ -150,6 +153,9 @@ def make_patch(
         pattern = even[:, None] & even[None, :]
     elif kind == "checkerboard":
         pattern = (idx[:, None] + idx[None, :]) % 2 == 0
+    elif kind == "sparse_checkerboard":
+        r = idx % 8
+        pattern = ((r[:, None] == 0) & (r[None, :] == 0)) | ((r[:, None] == 1) & (r[None, :] == 1))
     else:
         raise UserError(f"unknown patch kind {kind!r}; allowed: {', '.join(PATCH_KINDS)}")
     return pattern.to(dtype).expand(channels, size, size).clone()
