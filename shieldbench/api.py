@@ -150,5 +150,7 @@ def list_plugins(kind: str, verbose: bool = False) -> list[dict[str, Any]]:
             row["paper"] = obj.paper
         if verbose and hasattr(obj, "Params"):
             row["params"] = describe_params(obj.Params)
+        if verbose and isinstance(getattr(obj, "uses", None), dict):  # a dataset: the options it reads
+            row["options"] = [f"{sec}.{k}" for sec in ("data", "eval") for k in sorted(obj.uses[sec]) if k != "dataset"]
         rows.append(row)
     return rows

@@ -272,6 +272,8 @@ def list_cmd(
     out.print(t)
     if verbose:
         for r in rows:
+            if r.get("options"):
+                out.print(f"[bold]{r['name']}[/bold] reads: {', '.join(r['options'])}")
             if r.get("params"):
                 pt = Table(title=f"{r['name']} parameters (--set {'attack' if kind == 'attacks' else 'defense'}.NAME=VALUE)")
                 for c in ("name", "default", "allowed", "help"):

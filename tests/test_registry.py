@@ -54,3 +54,12 @@ def test_unknown_name_lists_registered_and_suggests():
 def test_builtins_are_registered():
     assert {"none", "badnets"} <= set(ATTACKS.names())
     assert "none" in DEFENSES.names()
+
+
+def test_datasets_list_the_options_they_read():
+    from shieldbench import api
+
+    rows = {r["name"]: r for r in api.list_plugins("datasets", verbose=True)}
+    assert {"synthetic", "csv", "webdataset", "coco", "flickr30k"} <= set(rows)
+    assert "data.csv_img_key" in rows["csv"]["options"] and "data.path" not in rows["synthetic"]["options"]
+    assert "eval.retrieval_path" in rows["webdataset"]["options"] and "eval.retrieval_path" not in rows["coco"]["options"]
