@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -304,7 +306,7 @@ def test_cache_keys_follow_the_corpus_content(digits, tmp_path):
     lines = [lines[0]] + [f"{digits.root}/{ln}" for ln in lines[1:]]  # absolute paths: the copy reads the same files
     csv_path.write_text("\n".join(lines) + "\n")
     spec = spec_for(digits, "csv")
-    spec = spec.__class__(**{**spec.__dict__, "data": spec.data.__class__(**{**spec.data.__dict__, "path": str(csv_path)})})
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, path=str(csv_path)))
     before = data_identity(spec)
     lines[5] = lines[5].replace("digit", "numeral")  # one caption edited, same path
     csv_path.write_text("\n".join(lines) + "\n")

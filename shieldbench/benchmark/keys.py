@@ -29,6 +29,7 @@ from importlib import metadata
 from typing import Any, Mapping
 
 from shieldbench.data.datasets import build_dataset
+from shieldbench.errors import UserError
 from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from shieldbench.spec import ExperimentSpec, digest
 
@@ -46,6 +47,7 @@ def package_versions() -> dict[str, str]:
 
 @lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime_ns are unused in the body: they are the memo key, so an edited file is hashed again.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -69,7 +71,7 @@ def option_files(options: Mapping[str, Any]) -> dict[str, str]:
 def plugin_version(registry: Any, name: str) -> str:
     try:
         return str(getattr(registry.get(name), "version", ""))
-    except Exception:  # an open_clip architecture is not in the model registry
+    except UserError:  # not registered (an open_clip architecture is not in the model registry)
         return ""
 
 

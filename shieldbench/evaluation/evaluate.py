@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from shieldbench.data.images import BadImage, ImageArray, quantize
+from shieldbench.data.images import BadImage, ImageArray, quantize, take
 from shieldbench.data.loader import iter_rows
 from shieldbench.data.types import LabelledSet, RetrievalSet, to_float
 from shieldbench.evaluation import metrics as M
@@ -190,6 +190,4 @@ def evaluate(
 
 
 def _rows(images: ImageArray, rows: torch.Tensor) -> ImageArray:
-    from shieldbench.data.images import take
-
     return take(images, rows.tolist())
