@@ -187,7 +187,7 @@ def _grad_norms(model):
 @pytest.mark.parametrize("attn_loss", ["kl", "bce"])
 def test_every_term_reaches_both_towers(model_and_batch, term, attn_loss):
     model, batch = model_and_batch
-    terms, logs = _objective(variant="weighted_ke", attn_loss=attn_loss).terms(model, batch)
+    terms, logs = _objective(variant="weighted_ke", attn_loss=attn_loss, attn_target_grad=True).terms(model, batch)
     assert set(terms) == {"clip", "ke", "attn"} and set(terms) <= set(logs)
     model.zero_grad(set_to_none=True)
     terms[term].backward()
@@ -195,16 +195,67 @@ def test_every_term_reaches_both_towers(model_and_batch, term, attn_loss):
     assert vis > 0 and txt > 0, (term, vis, txt)
 
 
-def test_variants_select_terms_and_log_them(model_and_batch):
+def test_default_attention_term_trains_only_the_image_tower(model_and_batch):
     model, batch = model_and_batch
-    want = {"ke": {"clip", "ke"}, "attn": {"clip", "ke", "attn"}, "weighted_attn": {"clip", "ke", "attn"},
+    terms, _ = _objective(variant="attn").terms(model, batch)
+    model.zero_grad(set_to_none=True)
+    terms["attn"].backward()
+    vis, txt = _grad_norms(model)
+    assert vis > 0 and txt == 0, (vis, txt)  # the KE embeddings only form the (detached) target
+
+
+def test_variants_are_the_paper_rows_and_ours_keep_their_names(model_and_batch):
+    model, batch = model_and_batch
+    # Paper rows as the released code trains them: no KE term in attn / weighted_attn.
+    want = {"ke": {"clip", "ke"}, "attn": {"clip", "attn"}, "weighted_attn": {"clip", "attn"},
+            "ke_attn": {"clip", "ke", "attn"}, "weighted_ke_attn": {"clip", "ke", "attn"},
             "weighted_ke": {"clip", "ke", "attn"}}
     for variant, names in want.items():
         obj = _objective(variant=variant)
+        terms, logs = obj.terms(model, batch)
+        assert set(terms) == names, variant
+        assert ("w_min" in logs) == variant.startswith("weighted"), variant
         out = obj(model, batch)
-        assert names <= set(out.logs) and torch.isfinite(out.loss)
-        assert ("w_min" in out.logs) == variant.startswith("weighted")
+        lam = {"clip": 1.0, "ke": obj.p.lambda_ke, "attn": obj.p.lambda_attn}
+        assert out.loss.item() == pytest.approx(sum(lam[n] * float(v.detach()) for n, v in terms.items()), rel=1e-5)
     assert "attn" not in _objective(variant="attn", lambda_attn=0.0)(model, batch).logs
+
+
+def test_weighted_ke_differs_from_weighted_ke_attn_only_in_the_ke_rows(model_and_batch):
+    model, batch = model_and_batch
+    a, _ = _objective(variant="weighted_ke_attn").terms(model, batch)
+    b, _ = _objective(variant="weighted_ke").terms(model, batch)
+    assert float(a["clip"]) == pytest.approx(float(b["clip"]), rel=1e-5)
+    assert float(a["attn"]) == pytest.approx(float(b["attn"]), rel=1e-5)
+    assert float(a["ke"]) != pytest.approx(float(b["ke"]), rel=1e-3)
+
+
+def test_attention_target_is_stop_gradient_unless_asked(model_and_batch):
+    """Default: only the attention moves toward the target. attn_target_grad: the alignment moves too."""
+    model, batch = model_and_batch
+    proj = model.clip.visual.proj  # patch tokens reach the alignment only through the projection...
+
+    def proj_grad(**kw) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        terms, _ = _objective(variant="attn", **kw).terms(model, batch)
+        terms["attn"].backward()
+        return proj.grad.clone() if proj.grad is not None else torch.zeros_like(proj)
+
+    # ...and the CLS->patch attention of the last block never passes through it.
+    assert float(proj_grad().abs().sum()) == 0.0
+    assert float(proj_grad(attn_target_grad=True).abs().sum()) > 0.0
+
+
+def test_raw_weights_are_the_paper_score_itself():
+    s_all = S_ALL
+    own = L.grounding(s_all, KE_INDEX, "own")
+    # A[i,i]: image 0 patches -> best of KEs 0,1: [0.5, 0.3] -> 0.4; image 1 -> KEs 2,3: [0.6, 0.2] -> 0.4
+    assert torch.allclose(own, torch.tensor([0.4, 0.4]))
+    w = L.pair_weights(torch.tensor([0.2, 0.5, -0.1]), form="raw")
+    assert torch.equal(w, torch.tensor([0.2, 0.5, -0.1]))  # no standardisation, no rescaling
+    with pytest.raises(UserError, match="weight_score=own"):
+        SemanticShield(DefenseSpec("semantic_shield", {"weight_form": "raw", "weight_score": "contrast"}))
+    SemanticShield(DefenseSpec("semantic_shield", {"weight_form": "raw", "weight_score": "own"}))
 
 
 @pytest.mark.parametrize("score", ["own", "contrast"])

@@ -20,7 +20,21 @@ from shieldbench.spec import param
 from shieldbench.training.contracts import Batch, Callback, LossOutput
 from shieldbench.training.losses import clip_loss, per_pair_clip_loss
 
-VARIANTS = ("ke", "attn", "weighted_attn", "weighted_ke")
+# Which loss terms each variant trains: (weighted CLIP?, KE term?, weighted KE?, attention term?).
+# The first three are the paper's table rows as the released code trains them
+# (`attn_loss_factor` and `weighted_cl_loss` in its train_attention*.py: no KE
+# term in either); the KE-inclusive forms are this project's and carry their
+# own names, so a row called by a paper name is the paper's.
+VARIANT_TERMS: dict[str, tuple[bool, bool, bool, bool]] = {
+    "ke": (False, True, False, False),               # paper row 1: L_CL + l_KE L_KE
+    "attn": (False, False, False, True),             # paper row 2: L_CL + l_attn L_attn
+    "weighted_attn": (True, False, False, True),     # paper row 3: weighted L_CL + l_attn L_attn
+    "ke_attn": (False, True, False, True),           # ours: L_CL + L_KE + L_attn
+    "weighted_ke_attn": (True, True, False, True),   # ours: weighted L_CL + L_KE + L_attn
+    "weighted_ke": (True, True, True, True),         # ours (default): weighted L_CL + weighted L_KE + L_attn
+}
+VARIANTS = tuple(VARIANT_TERMS)
+PAPER_VARIANTS = ("ke", "attn", "weighted_attn")
 
 
 def encode_texts(model, token_rows: torch.Tensor) -> torch.Tensor:
@@ -64,10 +78,7 @@ class SemanticShieldObjective(Callback):
 
     def __init__(self, params: "SemanticShield.Params") -> None:
         self.p = params
-        v = params.variant
-        self.use_attn = v in ("attn", "weighted_attn", "weighted_ke")
-        self.weight_clip = v in ("weighted_attn", "weighted_ke")
-        self.weight_ke = v == "weighted_ke"
+        self.weight_clip, self.use_ke, self.weight_ke, self.use_attn = VARIANT_TERMS[params.variant]
         # Per-row grounding memory (row numbers of the TrainView), NaN = not seen yet.
         self.memory = torch.empty(0)
 
@@ -133,20 +144,26 @@ class SemanticShieldObjective(Callback):
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 
-        raw = self.remember(batch.index, L.grounding(s_all, ke_index, p.weight_score))
-        w = L.pair_weights(raw, p.weight_temperature, p.weight_form, standardize=p.weight_score == "own")
         logs["align"] = float(s_own.detach().amax(dim=2).mean())
+        w = None
+        if self.weight_clip or self.weight_ke:
+            raw = self.remember(batch.index, L.grounding(s_all, ke_index, p.weight_score))
+            w = L.pair_weights(raw, p.weight_temperature, p.weight_form, standardize=p.weight_score == "own")
         if self.weight_clip:
             terms["clip"] = (w * per_pair_clip_loss(out.embedding.float(), txt.float(), model.logit_scale)).mean()
             logs["w_min"], logs["w_max"] = float(w.min()), float(w.max())
         else:
             terms["clip"] = clip_loss(out.embedding.float(), txt.float(), model.logit_scale)
-        if p.lambda_ke > 0:
+        if self.use_ke and p.lambda_ke > 0:
             z = L.mil_scores(s_all, ke_index)
             ignore = L.shared_ke_mask(ke_index) if p.mask_shared else None
             terms["ke"] = L.ke_loss(z, p.ke_scale, ignore, w if self.weight_ke else None)
         if want_attn:
-            terms["attn"] = L.attention_loss(out.attention, L.attention_target(s_own, p.tau), p.attn_loss)
+            target = L.attention_target(s_own, p.tau)
+            # Stop-gradient by default: the attention is pulled toward the
+            # alignment, not the alignment toward the attention.
+            target = target if p.attn_target_grad else target.detach()
+            terms["attn"] = L.attention_loss(out.attention, target, p.attn_loss)
         for name, value in terms.items():
             logs[name] = float(value.detach())
         return terms, logs
@@ -163,15 +180,21 @@ class SemanticShield(Defense):
     """Knowledge elements from a language model ground patches; ungrounded pairs are down-weighted."""
 
     paper = "Ishmam & Thomas, Semantic Shield, CVPR 2024"
+    # 2: paper variants without the KE term, KE-inclusive forms renamed, the
+    # attention target stop-gradient, raw weights.
+    version = "2"
     needs = frozenset({"patches", "attention"})
 
     @dataclass(frozen=True)
     class Params:
-        variant: str = param("weighted_ke", "ke | attn | weighted_attn (paper rows, cumulative) | weighted_ke (improved)",
-                             choices=VARIANTS)
+        variant: str = param("weighted_ke", "paper rows: ke (CLIP + KE), attn (CLIP + attention), weighted_attn "
+                             "(weighted CLIP + attention); ours: ke_attn, weighted_ke_attn, weighted_ke (default: "
+                             "weighted CLIP + weighted KE + attention)", choices=VARIANTS)
         lambda_ke: float = param(0.1, "weight of the knowledge-element (MIL) loss", lo=0.0)
         lambda_attn: float = param(0.1, "weight of the attention loss (1.0 recommended for warp triggers)", lo=0.0)
         attn_loss: str = param("kl", "kl (default) or bce (as in the released code)", choices=("kl", "bce"))
+        attn_target_grad: bool = param(False, "let the attention loss's gradient reach the attention target "
+                                       "(the patch-KE alignment); default stop-gradient")
         tau: float = param(0.1, "temperature of the attention target softmax over patches", lo=0.0, lo_open=True)
         ke_scale: float = param(10.0, "logit scale on the cosine MIL scores in the BCE (1 leaves the loss stuck at ln 2)", lo=0.0, lo_open=True)
         mask_shared: bool = param(True, "ignore negatives that share a KE with the positive caption")
@@ -183,8 +206,9 @@ class SemanticShield(Defense):
         weight_memory: str = param("none", "none (paper: weights from the current model at every step), first "
                                    "(each pair's grounding frozen at its first visit) or min (lowest seen)",
                                    choices=("none", "first", "min"))
-        weight_form: str = param("sigmoid", "pair weights from standardised alignment: softmax (B x softmax) or "
-                                 "sigmoid (bounded gate, rescaled to mean 1)", choices=("softmax", "sigmoid"))
+        weight_form: str = param("sigmoid", "pair weights from the grounding score: sigmoid (bounded gate, mean 1), "
+                                 "softmax (B x softmax), or raw (paper: w = A[i,i] itself, needs weight_score=own)",
+                                 choices=("softmax", "sigmoid", "raw"))
         text_pass: str = param("auto", "encode KEs with the captions in one text pass (joint), in a second short "
                                "pass (separate), or auto (joint on CUDA, separate on CPU)",
                                choices=("auto", "joint", "separate"))
@@ -199,6 +223,11 @@ class SemanticShield(Defense):
 
         if self.params.knowledge != "default" and self.params.knowledge not in KNOWLEDGE:
             raise UserError(KNOWLEDGE.unknown_message(self.params.knowledge))
+        if self.params.weight_form == "raw" and self.params.weight_score != "own":
+            # The contrast score is a z-score (negative for half the pairs): as a
+            # raw weight it would make the model *maximise* those pairs' loss.
+            raise UserError("semantic_shield: defense.weight_form=raw is the paper's l * A[i,i] and needs "
+                            "defense.weight_score=own")
 
     def knowledge_source(self, ctx: DefenseContext):
         p = self.params

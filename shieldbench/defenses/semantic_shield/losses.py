@@ -134,12 +134,16 @@ def pair_weights(raw: torch.Tensor, temperature: float = 1.0, form: str = "softm
     (unbounded above: a sharp temperature hands the batch to a few pairs).
     ``sigmoid``: w = sigmoid(z / T), rescaled to mean 1: bounded, so a sharp
     temperature silences poorly grounded pairs without letting the best
-    grounded ones dominate. Computed under ``no_grad`` so the model cannot
-    raise its own weight.
+    grounded ones dominate. ``raw``: w = the score itself (the paper's l * w
+    with w = A[i, i]; no standardisation, no normalisation, so the CLIP term's
+    scale is the batch's mean grounding). Computed under ``no_grad`` so the
+    model cannot raise its own weight.
     """
     with torch.no_grad():
         z = raw.detach().float()
         b = z.shape[0]
+        if form == "raw":
+            return z
         if standardize:
             std = z.std(unbiased=False) if b > 1 else z.new_tensor(0.0)
             z = (z - z.mean()) / (std + 1e-6)
