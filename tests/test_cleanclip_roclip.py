@@ -275,3 +275,39 @@ def test_cleanclip_reuses_the_none_checkpoint_in_either_order(tmp_path):
     assert clean1["artifacts"]["train"]["reused"] is False
     assert none1["artifacts"]["train"]["reused"] is True
     assert none1["artifacts"]["train"]["key"] == clean1["artifacts"]["train"]["key"]
+
+
+def test_roclip_blur_matches_torchvision_and_scales_with_the_image():
+    from torchvision.transforms.v2 import functional as TF
+
+    from shieldbench.defenses.augment import ROCLIP_JITTER, blur_at, gaussian_blur
+
+    assert ROCLIP_JITTER == (0.5, 0.5, 0.5, 0.1)  # RoCLIP's utils/augment_image.py
+    assert blur_at(224) == (21, (0.1, 2.0))
+    k, (lo, hi) = blur_at(32)
+    assert k == 3 and lo == pytest.approx(0.1 * 32 / 224) and hi == pytest.approx(2.0 * 32 / 224)
+    x = torch.rand(3, 3, 20, 20)
+    sig = torch.tensor([0.3, 1.0, 2.5])
+    got = gaussian_blur(x, sig, 7)
+    for i in range(3):
+        want = TF.gaussian_blur(x[i], [7, 7], [float(sig[i])] * 2)
+        assert torch.allclose(got[i], want, atol=1e-5)
+
+
+def test_roclip_view_jitter_ranges_are_the_reference():
+    from shieldbench.defenses.augment import SimCLRAugmenter
+
+    # Only brightness can move a grey image's level; with every other step off,
+    # the output/input ratio is the brightness factor: U(0.5, 1.5) for 0.5.
+    x = torch.full((400, 3, 8, 8), 0.5)
+    aug = SimCLRAugmenter(crop_scale=(1.0, 1.0), jitter=(0.5, 0.0, 0.0, 0.0), flip_p=0.0, grayscale_p=0.0,
+                          jitter_p=1.0, blur=False)
+    f = aug(x, 0)[:, 0, 0, 0] / 0.5
+    assert 0.5 <= float(f.min()) < 0.55 and 1.45 < float(f.max()) <= 1.5 + 1e-6
+    # The default applies the blur: a single bright pixel spreads.
+    spot = torch.zeros(50, 3, 32, 32)
+    spot[..., 16, 16] = 1.0
+    plain = SimCLRAugmenter(crop_scale=(1.0, 1.0), flip_p=0.0, grayscale_p=0.0, jitter_p=0.0)
+    out = plain(spot, 3)
+    # sigma ~ U(0.014, 0.29) px at 32 px: the widest blurs leak ~0.3% into the neighbours.
+    assert 1e-4 < float(out[:, 0, 16, 17].max()) < 0.01 and float(out[:, 0, 16, 16].min()) < 0.995

@@ -13,8 +13,10 @@ installed (nltk is not a dependency).
 
 Images: ``autoaugment`` (torchvision ``AutoAugment`` with the ImageNet policy,
 applied to 8-bit images as CleanCLIP does on PIL images) and ``simclr``
-(RoCLIP: RandomResizedCrop to the image size, horizontal flip, ColorJitter
-with p = 0.8, RandomGrayscale p = 0.2). Both take and return a batch of float
+(RoCLIP's ``utils/augment_image.py``: horizontal flip, RandomResizedCrop to the
+image size, ColorJitter(0.5, 0.5, 0.5, 0.1) with p = 0.8, RandomGrayscale
+p = 0.2, GaussianBlur with kernel 21 and sigma in (0.1, 2) at 224 px, always
+applied; the blur is scaled with the image side). Both take and return a batch of float
 images ``(N, C, H, W)`` in ``[0, 1]`` and loop over the images (torchvision
 draws one set of parameters per call); randomness comes from a seed, under a
 forked torch RNG, so a run is reproducible and the global RNG is untouched.
@@ -317,23 +319,60 @@ def autoaugment_transform() -> Callable[[torch.Tensor], torch.Tensor]:
     return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
 
 
-def simclr_transform(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), jitter: float = 0.5,
-                     flip_p: float = 0.5, grayscale_p: float = 0.2) -> Callable[[torch.Tensor], torch.Tensor]:
-    """SimCLR's view (Chen et al. 2020) as RoCLIP uses it, for one image (torchvision v2).
+ROCLIP_JITTER = (0.5, 0.5, 0.5, 0.1)  # brightness, contrast, saturation, hue (RoCLIP's augment_image.py)
+ROCLIP_BLUR = (21, (0.1, 2.0), 224)    # kernel, sigma range, at this image side (torchvision's default sigma)
+
+
+def blur_at(size: int, kernel: int = ROCLIP_BLUR[0], sigma: tuple[float, float] = ROCLIP_BLUR[1],
+            ref_size: int = ROCLIP_BLUR[2]) -> tuple[int, tuple[float, float]]:
+    """The blur's kernel (odd, >= 3) and sigma range at ``size`` px, scaled from ``ref_size``.
+
+    A blur is defined in pixels: RoCLIP's kernel 21 with sigma up to 2 px at
+    224 px would wipe out a 32 px image, so both scale with the image side (as
+    the BadNets patch does); at 32 px this gives kernel 3, sigma 0.014-0.29 px.
+    """
+    scale = size / ref_size
+    k = max(3, int(round(kernel * scale)))
+    k += 1 - k % 2
+    return k, (sigma[0] * scale, sigma[1] * scale)
+
+
+def simclr_transform(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0),
+                     jitter: tuple[float, float, float, float] = ROCLIP_JITTER, flip_p: float = 0.5,
+                     grayscale_p: float = 0.2, blur: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """RoCLIP's image view for one image (torchvision v2), as in its ``augment_image.py``.
 
     The reference of :class:`SimCLRAugmenter` (which is the batched, faster
-    version used in training). ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with
-    p = 0.8, s = ``jitter`` (0.5 gives RoCLIP's (0.4, 0.4, 0.4, 0.1)).
+    version used in training); the blur is scaled to ``image_size`` (:func:`blur_at`).
     """
     from torchvision.transforms import v2
 
-    s = jitter
-    return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
+    steps = [
         v2.RandomHorizontalFlip(flip_p),
-        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
+        v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
         v2.RandomGrayscale(grayscale_p),
-    ])
+    ]
+    if blur:
+        k, sigma = blur_at(image_size)
+        steps.append(v2.GaussianBlur(k, sigma))
+    return v2.Compose(steps)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Per-image Gaussian blur of (N, C, H, W) with sigma (N,), reflect padding (torchvision's semantics).
+
+    Separable: one grouped convolution along each axis for the whole batch.
+    """
+    n, c, h, w = x.shape
+    r = kernel // 2
+    t = torch.linspace(-r, r, kernel, dtype=x.dtype)
+    k1 = torch.exp(-0.5 * (t[None, :] / sigma[:, None].to(x.dtype)) ** 2)
+    k1 = (k1 / k1.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, k)
+    y = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k1.view(n * c, 1, 1, kernel), groups=n * c)
+    y = torch.nn.functional.conv2d(y, k1.view(n * c, 1, kernel, 1), groups=n * c)
+    return y.view(n, c, h, w)
 
 
 @contextmanager
@@ -414,24 +453,28 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 class SimCLRAugmenter:
-    """RoCLIP's SimCLR view, batched: per-image parameters, vectorised ops.
+    """RoCLIP's image view, batched: per-image parameters, vectorised ops.
 
-    RandomResizedCrop back to the input's size (area ``crop_scale``, aspect 3/4..4/3,
-    torchvision's 10-try rule then a centre crop), horizontal flip
-    (``flip_p``), ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p = 0.8 in a random
-    order per image (torchvision's semantics: brightness scales, contrast and
-    saturation blend with the grey mean / grey image, hue shifts in HSV), and
-    RandomGrayscale(``grayscale_p``). Only the crop loops over images.
+    Horizontal flip (``flip_p``), RandomResizedCrop back to the input's size
+    (area ``crop_scale``, aspect 3/4..4/3, torchvision's 10-try rule then the
+    whole image), ColorJitter(``jitter`` = brightness, contrast, saturation,
+    hue) with p = ``jitter_p`` in a random order per image (torchvision's
+    semantics: brightness scales, contrast and saturation blend with the grey
+    mean / grey image, hue shifts in HSV), RandomGrayscale(``grayscale_p``),
+    then, always, a Gaussian blur with sigma drawn per image (``blur``, scaled
+    to the image side by :func:`blur_at`). Only the crop loops over images.
     """
 
-    def __init__(self, image_size: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0), jitter: float = 0.5,
-                 flip_p: float = 0.5, grayscale_p: float = 0.2, jitter_p: float = 0.8) -> None:
+    def __init__(self, image_size: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 jitter: tuple[float, float, float, float] = ROCLIP_JITTER, flip_p: float = 0.5,
+                 grayscale_p: float = 0.2, jitter_p: float = 0.8, blur: bool = True) -> None:
         self.size = int(image_size)  # 0: the input's own size
         self.crop_scale = crop_scale
-        self.jitter = jitter
+        self.jitter = tuple(float(v) for v in jitter)
         self.flip_p = flip_p
         self.grayscale_p = grayscale_p
         self.jitter_p = jitter_p
+        self.blur = blur
 
     def _crop_boxes(self, n: int, h: int, w: int, g: torch.Generator) -> list[tuple[int, int, int, int]]:
         area = h * w
@@ -469,10 +512,9 @@ class SimCLRAugmenter:
                          for img, (i, j, ch, cw) in zip(x, boxes)]).clamp_(0, 1)
         flip = torch.rand(n, generator=g) < self.flip_p
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        s = self.jitter
         jit = torch.rand(n, generator=g) < self.jitter_p
-        factors = [torch.empty(n).uniform_(max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, generator=g) for _ in range(3)]
-        hue = torch.empty(n).uniform_(-0.2 * s, 0.2 * s, generator=g)
+        factors = [torch.empty(n).uniform_(max(0.0, 1 - v), 1 + v, generator=g) for v in self.jitter[:3]]
+        hue = torch.empty(n).uniform_(-self.jitter[3], self.jitter[3], generator=g)
         order = torch.rand(n, 4, generator=g).argsort(dim=1)
         for pos in range(4):
             for op in range(4):
@@ -492,7 +534,12 @@ class SimCLRAugmenter:
                     y = _adjust_hue(x, hue)
                 x = torch.where(m, y.clamp(0, 1), x)
         gray = (torch.rand(n, generator=g) < self.grayscale_p).view(-1, 1, 1, 1)
-        return torch.where(gray, _grayscale(x).expand_as(x), x)
+        x = torch.where(gray, _grayscale(x).expand_as(x), x)
+        if not self.blur:
+            return x
+        k, (lo, hi) = blur_at(x.shape[-1])
+        sigma = torch.empty(n).uniform_(lo, hi, generator=g)
+        return gaussian_blur(x, sigma, k).clamp_(0, 1)
 
 
 def make_image_augmenter(kind: str, image_size: int = 0, **kwargs: Any) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
@@ -510,7 +557,7 @@ def make_image_augmenter(kind: str, image_size: int = 0, **kwargs: Any) -> Calla
 
 
 __all__ = [
-    "ImageAugmenter", "OPERATIONS", "SimCLRAugmenter", "STOP_WORDS", "SYNONYMS", "autoaugment_transform", "eda", "eda_batch",
+    "ImageAugmenter", "OPERATIONS", "ROCLIP_BLUR", "ROCLIP_JITTER", "SimCLRAugmenter", "blur_at", "gaussian_blur", "STOP_WORDS", "SYNONYMS", "autoaugment_transform", "eda", "eda_batch",
     "make_image_augmenter", "random_deletion", "random_insertion", "random_swap", "simclr_transform",
     "synonym_replacement", "synonyms", "wordnet_available",
 ]

@@ -96,6 +96,7 @@ class CleanCLIP(Defense):
     """Post-training: fine-tune on clean pairs with CLIP + in-modal self-supervised loss (Bansal et al. 2023)."""
 
     paper: ClassVar[str] = "Bansal et al., CleanCLIP, ICCV 2023"
+    version: ClassVar[str] = "2"  # 2: image_aug=simclr is RoCLIP's reference view (jitter 0.5, blur)
 
     @dataclass(frozen=True)
     class Params:

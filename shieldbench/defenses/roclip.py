@@ -7,8 +7,9 @@ caption in the pool (cosine, looked up *before* the batch's own captions are
 enqueued) and the symmetric InfoNCE is taken between the images and those
 matched captions; the other epochs use the plain CLIP loss. A poisoned pair's
 image is thus pulled toward whatever caption its content resembles, not toward
-the attacker's caption. Image views (SimCLR-style) and EDA captions are always
-on (options).
+the attacker's caption. Image views (RoCLIP's ``augment_image.py``: flip,
+RandomResizedCrop, ColorJitter(0.5, 0.5, 0.5, 0.1) p 0.8, grayscale 0.2,
+Gaussian blur) and EDA captions are always on (options).
 
 Reference-code defects avoided:
 
@@ -203,14 +204,15 @@ class RoCLIP(Defense):
     """Training-time: match images to their nearest caption in a FIFO pool every K-th epoch (Yang et al. 2023)."""
 
     paper: ClassVar[str] = "Yang et al., RoCLIP, NeurIPS 2023"
+    version: ClassVar[str] = "2"  # 2: the reference's views (jitter 0.5, Gaussian blur)
 
     @dataclass(frozen=True)
     class Params:
         pool_size: int = param(1024, "FIFO pool capacity (text embeddings of recent captions)", lo=1)
         match_every: int = param(2, "match images to pool captions every K-th epoch (K)", lo=1, hi=10000)
         text_grad_on_match: bool = param(False, "re-encode matched captions so the text tower gets gradient on matching epochs")
-        image_aug: str = param("simclr", "always-on image augmentation", choices=("simclr", "autoaugment", "none"))
-        crop_min_scale: float = param(0.08, "smallest RandomResizedCrop area fraction (SimCLR: 0.08)", lo=0, hi=1, lo_open=True)
+        image_aug: str = param("simclr", "always-on image augmentation (simclr: RoCLIP's view)", choices=("simclr", "autoaugment", "none"))
+        crop_min_scale: float = param(0.08, "smallest RandomResizedCrop area fraction (RoCLIP / torchvision: 0.08)", lo=0, hi=1, lo_open=True)
         eda: bool = param(True, "always-on EDA caption augmentation")
         eda_alpha: float = param(0.1, "EDA strength", lo=0, hi=1)
         synonyms: str = param("table", "EDA synonym source", choices=("table", "wordnet", "auto"))
