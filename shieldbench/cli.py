@@ -289,49 +289,57 @@ def list_cmd(
 def leaderboard(
     results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
     metrics: str = typer.Option(DEFAULT_METRICS, help="comma-separated metrics"),
+    attacks: str = typer.Option("", help="only these attacks, in this order (comma-separated)"),
+    defenses: str = typer.Option("", help="only these defenses, in this order (comma-separated)"),
+    setting: str = typer.Option("", help="only settings whose label contains this text"),
+    fmt: str = typer.Option("table", "--format", help="table (terminal) | markdown (for papers and docs) | csv"),
     rebuild: bool = typer.Option(True, help="rebuild the CSVs from the records first"),
 ) -> None:
     """Show the leaderboard (mean +- std over seeds) as a table.
 
     One row per experiment setting: runs that differ in more than the seed
     (a defense variant, an attack option) are separate rows, labelled by what
-    differs.
+    differs. Fractions are in percent; n is the number of seeds.
 
     Examples:
 
       shieldbench leaderboard
 
       shieldbench leaderboard --metrics clean_top1,asr --results my_results
+
+      shieldbench leaderboard --attacks badnets,wanet --defenses none,semantic_shield --format markdown
     """
     from shieldbench import api
+    from shieldbench.benchmark.tables import cell, filter_rows, markdown
 
+    if fmt not in ("table", "markdown", "csv"):
+        raise UserError(f"--format {fmt!r}: choose table, markdown or csv")
     if rebuild and (results / "runs").is_dir():
         api.rebuild_leaderboard(results)
     df = api.read_leaderboard(results)
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    df = filter_rows(df, split(attacks), split(defenses), setting)
+    wanted = split(metrics)
+    if fmt == "markdown":
+        out.print(markdown(df, wanted), end="", markup=False, highlight=False, soft_wrap=True)
+        return
+    if fmt == "csv":
+        sys.stdout.write(df.to_csv(index=False))
+        return
     t = Table(title=f"leaderboard ({results / 'leaderboard.csv'})")
     has_setting = "setting" in df.columns and df["setting"].fillna("").astype(str).str.len().gt(0).any()
     for c in ("attack", "defense", *(["setting"] if has_setting else []), "model", "preset", "n_seeds"):
         t.add_column(c)
-    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     shown = [m for m in wanted if f"{m}_mean" in df.columns]
     for m in shown:
         t.add_column(m, justify="right")
     for _, r in df.iterrows():
-        setting = r.get("setting")
-        setting = "" if setting is None or (isinstance(setting, float) and math.isnan(setting)) else str(setting)
-        cells = [str(r["attack"]), str(r["defense"]), *([setting] if has_setting else []), str(r["model"]),
+        setting_label = r.get("setting")
+        setting_label = "" if setting_label is None or (isinstance(setting_label, float) and math.isnan(setting_label)) \
+            else str(setting_label)
+        cells = [str(r["attack"]), str(r["defense"]), *([setting_label] if has_setting else []), str(r["model"]),
                  str(r["preset"]), str(r["n_seeds"])]
-        for m in shown:
-            mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
-            if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-                cells.append("-")
-            elif m.endswith("_s"):
-                cells.append(f"{mean:.1f}")
-            elif std is None or (isinstance(std, float) and math.isnan(std)):
-                cells.append(f"{100 * mean:.1f}")  # one seed: no spread to show
-            else:
-                cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
-        t.add_row(*cells)
+        t.add_row(*cells, *[cell(r, m) for m in shown])
     out.print(t)
 
 

@@ -62,3 +62,24 @@ def test_seed_intervals_stay_in_range_and_are_named_apart_from_wilson():
     assert "asr_ci_low" not in row.index and row["asr_seed_ci_low"] == 0.0  # clipped at 0, not negative
     assert row["train_s_seed_ci_low"] == 0.0 and row["train_s_seed_ci_high"] > 40
     assert row["target"] == "banana" and row["n_seeds"] == 3 and row["seeds"] == "0,1,2"
+
+
+def test_markdown_table_cells_by_hand():
+    from shieldbench.benchmark.tables import cell, filter_rows, markdown
+
+    records = [_record("ke", 0, 0.90, 0.96), _record("ke", 1, 0.80, 0.94), _record(None, 0, 0.99, 0.97),
+               _record("ke", 0, 0.50, 0.90, attack="wanet")]
+    for r, secs in zip(records, (10.0, 20.0, 5.0, 7.0)):
+        r["timings"] = {"train_s": secs}
+    board = L.leaderboard_frame(L.runs_frame(records))
+    ke = board[(board["defense"] == "semantic_shield") & (board["attack"] == "badnets")].iloc[0]
+    # mean 0.85, std sqrt(0.005) = 0.0707 -> percent; seconds stay seconds
+    assert cell(ke, "asr") == "85.0 ± 7.1" and cell(ke, "train_s") == "15.0 ± 7.1"
+    assert cell(ke, "hit@1") == "-"
+    rows = filter_rows(board, attacks=["wanet", "badnets"], defenses=["none", "semantic_shield"])
+    assert list(zip(rows["attack"], rows["defense"])) == [("wanet", "semantic_shield"), ("badnets", "none"),
+                                                          ("badnets", "semantic_shield")]
+    md = markdown(rows, ["clean_top1", "asr", "nope"]).splitlines()
+    assert md[0] == "| attack | defense | setting | n | clean_top1 | asr |"
+    assert md[2] == "| wanet | semantic_shield |  | 1 | 90.0 | 50.0 |"  # one seed: no spread shown
+    assert md[4] == "| badnets | semantic_shield |  | 2 | 95.0 ± 1.4 | 85.0 ± 7.1 |"

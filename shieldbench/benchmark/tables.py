@@ -1,0 +1,64 @@
+"""Leaderboard rows as cells and tables: one formatting for the terminal and for papers.
+
+A cell is ``mean ± std`` over seeds; fractions are shown in percent, times in
+seconds, ranks as they are. With one seed there is no spread and the cell is
+the bare value. ``markdown`` writes the table that the docs paste, with the
+number of seeds per row, so every published table can be regenerated from
+the records (``shieldbench leaderboard --format markdown``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import pandas as pd
+
+from shieldbench.benchmark.leaderboard import BOUNDS
+
+KEY_COLUMNS = ("attack", "defense", "setting")
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x)) or x == ""
+
+
+def cell(row: pd.Series | dict, metric: str, digits: int = 1) -> str:
+    """``mean ± std`` of one metric (percent for fractions); ``-`` when the row lacks it."""
+    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+    if _missing(mean):
+        return "-"
+    scale = 1.0 if metric in BOUNDS else 100.0
+    text = f"{scale * float(mean):.{digits}f}"
+    if not _missing(std):
+        text += f" ± {scale * float(std):.{digits}f}"
+    return text
+
+
+def filter_rows(board: pd.DataFrame, attacks: Iterable[str] = (), defenses: Iterable[str] = (),
+                setting_contains: str = "") -> pd.DataFrame:
+    """The leaderboard rows of the given attacks / defenses (empty: all), in the given order."""
+    out = board
+    attacks, defenses = list(attacks), list(defenses)
+    if attacks:
+        out = out[out["attack"].isin(attacks)]
+    if defenses:
+        out = out[out["defense"].isin(defenses)]
+    if setting_contains:
+        out = out[out["setting"].fillna("").astype(str).str.contains(setting_contains, regex=False)]
+    order = {"attack": {a: i for i, a in enumerate(attacks)}, "defense": {d: i for i, d in enumerate(defenses)}}
+    keys = [out[c].map(order[c]).fillna(len(order[c])) if order[c] else out[c] for c in ("attack", "defense")]
+    return out.copy().assign(_a=keys[0], _d=keys[1]).sort_values(["_a", "_d", "setting"], kind="stable").drop(columns=["_a", "_d"])
+
+
+def markdown(board: pd.DataFrame, metrics: list[str], digits: int = 1) -> str:
+    """A GitHub markdown table: attack, defense, setting, n (seeds), then one ``mean ± std`` column per metric."""
+    shown = [m for m in metrics if f"{m}_mean" in board.columns]
+    head = ["attack", "defense", "setting", "n", *shown]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in board.iterrows():
+        setting = "" if _missing(r.get("setting")) else str(r["setting"])
+        cells = [str(r["attack"]), str(r["defense"]), setting, str(int(r["n_seeds"]))]
+        cells += [cell(r, m, digits) for m in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
