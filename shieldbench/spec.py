@@ -218,14 +218,17 @@ DEFAULT_POISON_RATE = 0.02
 PRESET_PLUGIN_DEFAULTS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "small": {
         "attack": {
-            # 100 captions per target image (RoCLIP) append 1,600 rows to 8,000
-            # and cost 4.1 points of clean accuracy; 25 keep it within 3 points
-            # while every target still succeeds (16/16).
+            # RoCLIP's 100 captions per target would append 1,600 rows to 8,000
+            # (20% of the data; the paper's are < 0.1%). Chosen on validation
+            # worlds 1 and 2 by a rule fixed beforehand (docs/attacks.md): the
+            # fewest of 5, 10, 25, 50, 100 with >= 15/16 targets poisoned on both.
             "targeted": {"num_captions": 25},
             # At 32 px the paper's warp (s = 0.5) moves pixels by about 0.2 px and
-            # does not take (ASR 0.3%); measured: s=4 12.7%, s=4 without the noise
-            # mode 18.3%, s=8 52%, s=8 with 5% poisons 75%, s=12 with 5% 86.3%.
-            "wanet": {"s": 12.0, "cross_ratio": 0.0, "poison_rate": 0.05},
+            # does not take. Chosen on validation worlds 1 and 2 by a rule fixed
+            # beforehand (docs/attacks.md): the first of s = 4, 6, 8, 12 x 5%, 10%
+            # poisons (no noise mode) with ASR >= 80% on both worlds. 10% is the
+            # WaNet paper's own poison rate.
+            "wanet": {"s": 12.0, "cross_ratio": 0.0, "poison_rate": 0.1},
         },
         "defense": {
             # The synthetic world has no scale or translation jitter, so SimCLR's

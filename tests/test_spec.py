@@ -67,7 +67,7 @@ def test_preset_plugin_defaults_resolve_and_yield_to_the_user():
     from shieldbench import api
 
     small = api.make_spec(attack="wanet", defense="roclip")
-    assert small.attack.options["s"] == 12.0 and small.attack.poison_rate == 0.05
+    assert small.attack.options["s"] == 12.0 and small.attack.poison_rate == 0.1
     assert small.defense.options["crop_min_scale"] == 1.0
     smoke = api.make_spec(attack="wanet", defense="roclip", preset="smoke")
     assert smoke.attack.options["s"] == 0.5 and smoke.defense.options["crop_min_scale"] == 0.08

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every run behind the numbers in README.md and docs/, and the commands that print their tables.
+#
+#   scripts/docs_measurements.sh validation   # choices: validation worlds (data.seed 1, 2) only
+#   scripts/docs_measurements.sh reported     # the reported world (data.seed 0), master seeds 0, 1, 2
+#   scripts/docs_measurements.sh tables       # the markdown tables pasted into the docs
+#
+# Runs are sequential on purpose: on a 2-core machine parallel torch jobs each run
+# up to 10x slower. A run whose record exists is skipped, so the script resumes.
+# CPU, small preset: about 1 minute a run once the world's base model is cached.
+set -euo pipefail
+VAL=${VAL:-results/validation}
+REP=${REP:-results/reported}
+SEEDS=${SEEDS:-"0 1 2"}
+run() { shieldbench run -q "$@" >/dev/null; }
+
+# Semantic Shield settings named in the docs.
+SS_PAPER="--set defense.variant=weighted_attn --set defense.weight_form=raw --set defense.weight_score=own"
+SS_GATE="--set defense.variant=weighted_attn"
+SS_ATTN="--set defense.variant=attn"
+SS_KE="--set defense.variant=ke"
+
+validation() {
+  for w in 1 2; do
+    # WaNet strength (docs/attacks.md, "Small-preset departures")
+    for s in 4 6 8 12; do for r in 0.05 0.1; do
+      run -a wanet -d none -o "$VAL" --set data.seed=$w --set attack.s=$s --set attack.cross_ratio=0 --set attack.poison_rate=$r
+    done; done
+    # targeted captions per image
+    for n in 5 10 25 50 100; do run -a targeted -d none -o "$VAL" --set data.seed=$w --set attack.num_captions=$n; done
+    run -a none -d none -o "$VAL" --set data.seed=$w
+    # RoCLIP crop in the small preset (docs/baselines.md), on clean data
+    for c in 0.08 0.5 1.0; do run -a none -d roclip -o "$VAL" --set data.seed=$w --set defense.crop_min_scale=$c; done
+  done
+}
+
+reported() {
+  for s in $SEEDS; do
+    for a in none badnets blended wanet label_consistent targeted; do run -a $a -d none -s $s -o "$REP"; done
+    for a in badnets blended wanet targeted; do
+      run -a $a -d semantic_shield -s $s -o "$REP"
+      run -a $a -d semantic_shield -s $s -o "$REP" $SS_PAPER
+    done
+    for a in badnets blended wanet; do run -a $a -d cleanclip -s $s -o "$REP"; done
+    run -a targeted -d roclip -s $s -o "$REP"
+    for a in badnets blended wanet; do
+      for v in "$SS_GATE" "$SS_ATTN" "$SS_KE"; do run -a $a -d semantic_shield -s $s -o "$REP" $v; done
+    done
+  done
+}
+
+tables() {
+  M=clean_top1,asr,asr_base_model,hit@1,i2t_R@1,train_s
+  echo "## attacks, no defense"; shieldbench leaderboard -o "$REP" --defenses none --format markdown --metrics $M,poison_success
+  echo "## Semantic Shield"; shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet,targeted --defenses none,semantic_shield --format markdown --metrics $M,poison_success
+  echo "## CleanCLIP"; shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet --defenses none,cleanclip --format markdown --metrics clean_top1_before_repair,clean_top1,asr_before_repair,asr,asr_base_model,hit@1,cost_train_s
+  echo "## RoCLIP"; shieldbench leaderboard -o "$REP" --attacks targeted --defenses none,roclip --format markdown --metrics clean_top1,poison_success,poison_hit@1,i2t_R@1,train_s
+  echo "## validation"; shieldbench leaderboard -o "$VAL" --format markdown --metrics clean_top1,asr,asr_base_model,poison_success
+}
+
+"${1:?validation | reported | tables}"
