@@ -21,15 +21,11 @@ SS_ATTN="--set defense.variant=attn"
 SS_KE="--set defense.variant=ke"
 
 validation() {
+  # WaNet strength and targeted captions per image (docs/attacks.md, "Small-preset departures")
+  VAL="$VAL" python "$(dirname "$0")/choose_small_defaults.py" wanet
+  VAL="$VAL" python "$(dirname "$0")/choose_small_defaults.py" targeted
+  # RoCLIP crop in the small preset (docs/baselines.md), on clean data
   for w in 1 2; do
-    # WaNet strength (docs/attacks.md, "Small-preset departures")
-    for s in 4 6 8 12; do for r in 0.05 0.1; do
-      run -a wanet -d none -o "$VAL" --set data.seed=$w --set attack.s=$s --set attack.cross_ratio=0 --set attack.poison_rate=$r
-    done; done
-    # targeted captions per image
-    for n in 5 10 25 50 100; do run -a targeted -d none -o "$VAL" --set data.seed=$w --set attack.num_captions=$n; done
-    run -a none -d none -o "$VAL" --set data.seed=$w
-    # RoCLIP crop in the small preset (docs/baselines.md), on clean data
     for c in 0.08 0.5 1.0; do run -a none -d roclip -o "$VAL" --set data.seed=$w --set defense.crop_min_scale=$c; done
   done
 }
