@@ -12,6 +12,7 @@ set -euo pipefail
 VAL=${VAL:-results/validation}
 REP=${REP:-results/reported}
 SEEDS=${SEEDS:-"0 1 2"}
+ABLATION_SEEDS=${ABLATION_SEEDS:-"0"}
 run() { shieldbench run -q "$@" >/dev/null; }
 
 # Semantic Shield settings named in the docs.
@@ -39,6 +40,9 @@ reported() {
     done
     for a in badnets blended wanet; do run -a $a -d cleanclip -s $s -o "$REP"; done
     run -a targeted -d roclip -s $s -o "$REP"
+  done
+  # Variant ablation: one master seed (CPU time); rows say n = 1.
+  for s in $ABLATION_SEEDS; do
     for a in badnets blended wanet; do
       for v in "$SS_GATE" "$SS_ATTN" "$SS_KE"; do run -a $a -d semantic_shield -s $s -o "$REP" $v; done
     done
@@ -47,11 +51,22 @@ reported() {
 
 tables() {
   M=clean_top1,asr,asr_base_model,hit@1,i2t_R@1,train_s
-  echo "## attacks, no defense"; shieldbench leaderboard -o "$REP" --defenses none --format markdown --metrics $M,poison_success
-  echo "## Semantic Shield"; shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet,targeted --defenses none,semantic_shield --format markdown --metrics $M,poison_success
-  echo "## CleanCLIP"; shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet --defenses none,cleanclip --format markdown --metrics clean_top1_before_repair,clean_top1,asr_before_repair,asr,asr_base_model,hit@1,cost_train_s
-  echo "## RoCLIP"; shieldbench leaderboard -o "$REP" --attacks targeted --defenses none,roclip --format markdown --metrics clean_top1,poison_success,poison_hit@1,i2t_R@1,train_s
-  echo "## validation"; shieldbench leaderboard -o "$VAL" --format markdown --metrics clean_top1,asr,asr_base_model,poison_success
+  echo "## attacks, no defense (docs/attacks.md)"
+  shieldbench leaderboard -o "$REP" --defenses none --format markdown --metrics $M,poison_success
+  echo "## Semantic Shield: none, default, paper (docs/semantic_shield.md, README)"
+  shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet,targeted --defenses none,semantic_shield \
+    --setting "-,variant=weighted_ke,weight_form=raw" --format markdown --metrics $M,poison_success
+  echo "## Semantic Shield variants (docs/semantic_shield.md)"
+  shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet --defenses semantic_shield --format markdown \
+    --metrics clean_top1,asr,hit@1
+  echo "## CleanCLIP (docs/baselines.md)"
+  shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet --defenses cleanclip --format markdown \
+    --metrics clean_top1_before_repair,clean_top1,asr_before_repair,asr,asr_base_model,hit@1,cost_train_s
+  echo "## RoCLIP (docs/baselines.md)"
+  shieldbench leaderboard -o "$REP" --attacks targeted --defenses none,roclip --format markdown \
+    --metrics clean_top1,poison_success,poison_hit@1,i2t_R@1,train_s
+  echo "## validation runs (docs/attacks.md, docs/baselines.md)"
+  shieldbench leaderboard -o "$VAL" --format markdown --metrics clean_top1,asr,asr_base_model,poison_success,i2t_R@1
 }
 
 "${1:?validation | reported | tables}"

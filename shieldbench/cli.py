@@ -291,7 +291,8 @@ def leaderboard(
     metrics: str = typer.Option(DEFAULT_METRICS, help="comma-separated metrics"),
     attacks: str = typer.Option("", help="only these attacks, in this order (comma-separated)"),
     defenses: str = typer.Option("", help="only these defenses, in this order (comma-separated)"),
-    setting: str = typer.Option("", help="only settings whose label contains this text"),
+    setting: str = typer.Option("", help="only settings whose label contains one of these texts (comma-separated; "
+                                "'-' = no label)"),
     fmt: str = typer.Option("table", "--format", help="table (terminal) | markdown (for papers and docs) | csv"),
     rebuild: bool = typer.Option(True, help="rebuild the CSVs from the records first"),
 ) -> None:
@@ -318,7 +319,7 @@ def leaderboard(
         api.rebuild_leaderboard(results)
     df = api.read_leaderboard(results)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
-    df = filter_rows(df, split(attacks), split(defenses), setting)
+    df = filter_rows(df, split(attacks), split(defenses), split(setting))
     wanted = split(metrics)
     if fmt == "markdown":
         out.print(markdown(df, wanted), end="", markup=False, highlight=False, soft_wrap=True)

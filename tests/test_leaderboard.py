@@ -79,6 +79,8 @@ def test_markdown_table_cells_by_hand():
     rows = filter_rows(board, attacks=["wanet", "badnets"], defenses=["none", "semantic_shield"])
     assert list(zip(rows["attack"], rows["defense"])) == [("wanet", "semantic_shield"), ("badnets", "none"),
                                                           ("badnets", "semantic_shield")]
+    assert len(filter_rows(board, settings=["-"])) == len(board)  # every family here has a single setting
+    assert filter_rows(board, settings=["nothing"]).empty
     md = markdown(rows, ["clean_top1", "asr", "nope"]).splitlines()
     assert md[0] == "| attack | defense | setting | n | clean_top1 | asr |"
     assert md[2] == "| wanet | semantic_shield |  | 1 | 90.0 | 50.0 |"  # one seed: no spread shown

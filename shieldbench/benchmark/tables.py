@@ -36,16 +36,24 @@ def cell(row: pd.Series | dict, metric: str, digits: int = 1) -> str:
 
 
 def filter_rows(board: pd.DataFrame, attacks: Iterable[str] = (), defenses: Iterable[str] = (),
-                setting_contains: str = "") -> pd.DataFrame:
-    """The leaderboard rows of the given attacks / defenses (empty: all), in the given order."""
+                settings: Iterable[str] = ()) -> pd.DataFrame:
+    """The leaderboard rows of the given attacks / defenses (empty: all), in the given order.
+
+    ``settings``: keep rows whose setting label contains any of these texts;
+    ``-`` stands for the empty label (a family with a single setting).
+    """
     out = board
-    attacks, defenses = list(attacks), list(defenses)
+    attacks, defenses, settings = list(attacks), list(defenses), list(settings)
     if attacks:
         out = out[out["attack"].isin(attacks)]
     if defenses:
         out = out[out["defense"].isin(defenses)]
-    if setting_contains:
-        out = out[out["setting"].fillna("").astype(str).str.contains(setting_contains, regex=False)]
+    if settings:
+        label = out["setting"].fillna("").astype(str)
+        keep = pd.Series(False, index=out.index)
+        for text in settings:
+            keep |= label.eq("") if text == "-" else label.str.contains(text, regex=False)
+        out = out[keep]
     order = {"attack": {a: i for i, a in enumerate(attacks)}, "defense": {d: i for i, d in enumerate(defenses)}}
     keys = [out[c].map(order[c]).fillna(len(order[c])) if order[c] else out[c] for c in ("attack", "defense")]
     return out.copy().assign(_a=keys[0], _d=keys[1]).sort_values(["_a", "_d", "setting"], kind="stable").drop(columns=["_a", "_d"])
