@@ -216,7 +216,7 @@ def grid(
     failed = [r for r in records if r["status"] != "ok"]
     report = api.write_report(results)
     out.print(f"{len(records) - len(failed)} of {len(records)} cells ok; leaderboard: {results / 'leaderboard.csv'}; report: {report}")
-    leaderboard(results=results, metrics=DEFAULT_METRICS, rebuild=False)
+    leaderboard(results=results, metrics=DEFAULT_METRICS, attacks="", defenses="", setting="", fmt="table", rebuild=False)
     if failed:
         raise typer.Exit(1)
 
