@@ -51,6 +51,9 @@ reported() {
 
 tables() {
   M=clean_top1,asr,asr_base_model,hit@1,i2t_R@1,train_s
+  echo "## README"
+  shieldbench leaderboard -o "$REP" --attacks none,badnets,wanet --defenses none,semantic_shield \
+    --setting "-,variant=weighted_ke" --format markdown --metrics clean_top1,asr,asr_base_model,hit@1,train_s
   echo "## attacks, no defense (docs/attacks.md)"
   shieldbench leaderboard -o "$REP" --defenses none --format markdown --metrics $M,poison_success
   echo "## Semantic Shield: none, default, paper (docs/semantic_shield.md, README)"
