@@ -98,15 +98,43 @@ def dry_run(spec: ExperimentSpec, measure: bool = True) -> dict[str, Any]:
     return _dry_run(spec, measure=measure)
 
 
+def grid_names(kind: str, names: list[str]) -> list[str]:
+    """``all`` -> every registered name of ``kind`` (``attacks`` | ``defenses``); other names are checked."""
+    reg = KINDS[kind]
+    if names == ["all"]:
+        return list(reg.names())
+    for n in names:
+        reg.get(n)  # one line naming the registered names if unknown
+    return names
+
+
+def grid_cells(base: ExperimentSpec, attacks: list[str], defenses: list[str], seeds: list[int]) -> list[ExperimentSpec]:
+    from shieldbench.benchmark.grid import expand
+
+    return [resolve(cell) for cell in expand(base, attacks, defenses, seeds)]
+
+
 def run_grid(base: ExperimentSpec, attacks: list[str], defenses: list[str], seeds: list[int],
              results_dir: str | Path = "results", console: Console | None = None,
-             show_progress: bool = True) -> list[dict[str, Any]]:
-    """Every attack x defense x seed cell; finished cells are reused, not retrained."""
-    from shieldbench.benchmark.grid import expand
+             show_progress: bool = True, workers: int = 1, force: bool = False,
+             plugins: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Every attack x defense x seed cell; finished cells are reused, not retrained.
+
+    ``workers`` > 1 runs the cells on that many processes (``plugins`` are
+    imported in each); shared stages are still built once.
+    """
     from shieldbench.benchmark.grid import run_grid as _run_grid
 
-    cells = [resolve(cell) for cell in expand(base, attacks, defenses, seeds)]
-    return _run_grid(cells, results_dir, console=console, show_progress=show_progress)
+    return _run_grid(grid_cells(base, attacks, defenses, seeds), results_dir, console=console,
+                     show_progress=show_progress, workers=workers, force=force, plugins=list(plugins))
+
+
+def plan_grid(base: ExperimentSpec, attacks: list[str], defenses: list[str], seeds: list[int],
+              results_dir: str | Path = "results", force: bool = False) -> Any:
+    """The grid's stages (each shared one once), cached or to run; runs nothing."""
+    from shieldbench.benchmark.stages import plan_grid as _plan_grid
+
+    return _plan_grid(grid_cells(base, attacks, defenses, seeds), results_dir, force=force)
 
 
 def write_report(results_dir: str | Path = "results") -> Path:

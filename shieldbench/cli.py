@@ -179,46 +179,71 @@ def _names(text: str, what: str) -> list[str]:
 
 @app.command()
 def grid(
-    attacks: str = typer.Option("none,badnets", "--attacks", help="comma-separated attack names"),
-    defenses: str = typer.Option("none", "--defenses", help="comma-separated defense names"),
+    attacks: str = typer.Option("none,badnets", "--attacks", help="comma-separated attack names, or all"),
+    defenses: str = typer.Option("none", "--defenses", help="comma-separated defense names, or all"),
     seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="model name (default: the preset's)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset name (default: the config's, else synthetic)"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke | small (default small)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML experiment file"),
     set_: list[str] = typer.Option([], "--set", help="override applied to every cell"),
     plugin: list[str] = typer.Option([], "--plugin", help="import a module that registers plugins"),
     results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
+    workers: int = typer.Option(1, "--workers", "-w", help="worker processes (one GPU each when there are GPUs)"),
+    force: bool = typer.Option(False, "--force", help="re-run cells that have a finished record (artifacts are reused)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (stages needed, cached, to run); run nothing"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Run every attack x defense x seed cell, then write the leaderboard and report.
 
     Finished cells are reused (re-running a grid after a crash resumes it), the
     clean base model is trained once, and post-training defenses (CleanCLIP)
-    repair the `none` cell's checkpoint instead of retraining.
+    repair the `none` cell's checkpoint instead of retraining. With --workers N
+    the cells run on N processes; shared stages are still built once (each
+    artifact has a lock), and two grids on one results folder are safe.
 
     Examples:
 
       shieldbench grid --attacks badnets,blended --defenses none,semantic_shield --seeds 0,1,2
 
+      shieldbench grid --attacks all --defenses all --seeds 0,1,2 --workers 8 --dry-run
+
       shieldbench grid --preset smoke --attacks none,badnets --defenses none
     """
     from shieldbench import api
 
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be >= 1")
     api.load_plugins(plugin)
     try:
         seed_list = [int(s) for s in _names(seeds, "seeds")]
     except ValueError:
         raise UserError(f"--seeds {seeds!r}: expected comma-separated integers") from None
     # Unresolved: each cell fills in its own attack's and defense's defaults.
-    base = api.make_spec(model=model, preset=preset, config=config, overrides=set_, resolved=False)
-    records = api.run_grid(base, _names(attacks, "attacks"), _names(defenses, "defenses"), seed_list,
-                           results, console=err, show_progress=not quiet)
+    base = api.make_spec(model=model, dataset=dataset, preset=preset, config=config, overrides=set_, resolved=False)
+    attack_names, defense_names = api.grid_names("attacks", _names(attacks, "attacks")), api.grid_names("defenses", _names(defenses, "defenses"))
+    if dry_run:
+        print_grid_plan(api.plan_grid(base, attack_names, defense_names, seed_list, results, force=force), workers)
+        return
+    records = api.run_grid(base, attack_names, defense_names, seed_list, results, console=err,
+                           show_progress=not quiet, workers=workers, force=force, plugins=plugin)
     failed = [r for r in records if r["status"] != "ok"]
     report = api.write_report(results)
     out.print(f"{len(records) - len(failed)} of {len(records)} cells ok; leaderboard: {results / 'leaderboard.csv'}; report: {report}")
     leaderboard(results=results, metrics=DEFAULT_METRICS, attacks="", defenses="", setting="", fmt="table", rebuild=False)
     if failed:
         raise typer.Exit(1)
+
+
+def print_grid_plan(plan: Any, workers: int) -> None:
+    t = Table(title=f"grid plan: {plan.cells} cells, {len(plan.finished)} finished (reused)")
+    for col in ("stage", "needed", "cached", "to run"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for row in plan.summary():
+        t.add_row(row["stage"], str(row["needed"]), str(row["cached"]), str(row["to_run"]))
+    out.print(t)
+    out.print(f"{plan.trainings} training runs will run (clean base models, victims and repairs not in the store), "
+              f"on {workers} worker{'s' if workers > 1 else ''}; dry run: nothing was run")
 
 
 @app.command()

@@ -77,7 +77,7 @@ def test_grid_writes_report_and_resumes(tmp_path):
     for name in ("index.html", "asr_heatmap.png", "tradeoff.png"):
         assert (tmp_path / "res" / "report" / name).is_file()
     again = sb(*args, cwd=tmp_path)
-    assert again.returncode == 0 and "finished: reusing its record" in again.stderr
+    assert again.returncode == 0 and "reused its record" in again.stderr
     line = one_error_line(sb("grid", "--seeds", "a,b", cwd=tmp_path))
     assert "--seeds" in line
 

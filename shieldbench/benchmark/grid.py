@@ -4,10 +4,13 @@ Cells whose defense does not change training are run after the ``none`` cell
 of the same attack and seed, so they reuse its checkpoint; finished cells
 (a record with status ``ok``) are skipped, so re-running a grid after a crash
 resumes where it stopped and re-running a finished grid trains nothing.
+With several workers the store's locks keep shared stages built once
+(:mod:`shieldbench.benchmark.workers`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,7 +18,8 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 
 from shieldbench.benchmark import leaderboard
-from shieldbench.benchmark.runner import record_path, run_cell, run_id_for
+from shieldbench.benchmark.runner import finished_record, run_cell
+from shieldbench.benchmark.workers import run_parallel
 from shieldbench.registry import DEFENSES
 from shieldbench.spec import ExperimentSpec
 
@@ -36,24 +40,90 @@ def expand(base: ExperimentSpec, attacks: Sequence[str], defenses: Sequence[str]
     return cells
 
 
+class Progress:
+    """One line per finished cell: how many are done, how long it took, and an ETA for the rest.
+
+    The ETA is the mean time of the cells that did work (reused records cost
+    nothing) times the cells left, divided by the workers.
+    """
+
+    def __init__(self, total: int, workers: int, console: Console) -> None:
+        self.total, self.workers, self.console = total, max(1, workers), console
+        self.done = 0
+        self.worked: list[float] = []
+        self.start = time.perf_counter()
+
+    def eta(self) -> str:
+        left = self.total - self.done
+        if not left:
+            return "done"
+        if not self.worked:
+            return "ETA unknown"
+        seconds = sum(self.worked) / len(self.worked) * left / self.workers
+        return f"ETA {_clock(seconds)}"
+
+    def cell(self, spec: ExperimentSpec, record: dict[str, Any], seconds: float) -> None:
+        self.done += 1
+        reused = bool(record.get("reused_record"))
+        if not reused:
+            self.worked.append(seconds)
+        what = "reused its record" if reused else f"{record.get('status', '?')} in {_clock(seconds)}"
+        self.console.print(f"[bold]{self.done}/{self.total}[/bold] {spec.attack.name} x {spec.defense.name}, "
+                           f"seed {spec.seed}: {what}; elapsed {_clock(time.perf_counter() - self.start)}, "
+                           f"{self.eta()}", highlight=False)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def run_grid(
     cells: Sequence[ExperimentSpec],
     results_dir: str | Path,
     console: Console | None = None,
     show_progress: bool = True,
     on_cell: Callable[[ExperimentSpec, dict[str, Any]], None] | None = None,
+    workers: int = 1,
+    force: bool = False,
+    plugins: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
+    """Run every cell (``workers`` > 1: on that many processes, see :mod:`.workers`); records in cell order.
+
+    The leaderboard is rebuilt after every cell, so a crash leaves an
+    up-to-date one; a finished cell is reused unless ``force``.
+    """
     console = console or Console(stderr=True)
     results_dir = Path(results_dir)
-    records = []
-    for i, spec in enumerate(cells, 1):
-        done = record_path(results_dir, run_id_for(spec)).is_file()
-        console.print(f"[bold]cell {i}/{len(cells)}[/bold] {spec.attack.name} x {spec.defense.name}, seed {spec.seed}"
-                      + (" (finished: reusing its record)" if done else ""))
-        rec = run_cell(spec, results_dir, console=console, show_progress=show_progress)
-        records.append(rec)
-        # Rebuilt after every cell, so a crash leaves an up-to-date leaderboard.
+    progress = Progress(len(cells), workers, console)
+
+    def finished(spec: ExperimentSpec, rec: dict[str, Any], seconds: float) -> None:
         leaderboard.rebuild(results_dir)
+        progress.cell(spec, rec, seconds)
         if on_cell:
             on_cell(spec, rec)
+
+    todo = list(range(len(cells))) if force else [i for i, spec in enumerate(cells) if finished_record(spec, results_dir) is None]
+    if workers > 1 and len(todo) > 1:
+        # Finished cells are read here: starting worker processes for them would cost more than the cells.
+        records: list[dict[str, Any]] = [{}] * len(cells)
+        for i in sorted(set(range(len(cells))) - set(todo)):
+            records[i] = finished_record(cells[i], results_dir) or {}
+            progress.cell(cells[i], records[i], 0.0)
+        console.print(f"{len(todo)} cells to run on {workers} workers", highlight=False)
+        ran = run_parallel([cells[i] for i in todo], results_dir, workers, force=force, plugins=plugins,
+                           on_done=lambda j, spec, rec: finished(spec, rec, rec.get("worker", {}).get("seconds", 0.0)))
+        for i, rec in zip(todo, ran):
+            records[i] = rec
+        return records
+    records = []
+    for i, spec in enumerate(cells, 1):
+        console.print(f"[bold]cell {i}/{len(cells)}[/bold] {spec.attack.name} x {spec.defense.name}, seed {spec.seed}",
+                      highlight=False)
+        t = time.perf_counter()
+        rec = run_cell(spec, results_dir, console=console, show_progress=show_progress, force=force)
+        records.append(rec)
+        finished(spec, rec, time.perf_counter() - t)
     return records

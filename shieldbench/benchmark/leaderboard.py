@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
+from shieldbench.locks import locked
 from shieldbench.fileio import atomic_write_text
 
 GROUP = ["attack", "defense", "model", "dataset", "preset"]
@@ -176,8 +177,11 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
 def rebuild(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rewrite runs.csv and leaderboard.csv from the records (atomically)."""
     results_dir = Path(results_dir)
-    runs = runs_frame(load_records(results_dir))
-    board = leaderboard_frame(runs)
-    atomic_write_text(results_dir / "runs.csv", runs.to_csv(index=False))
-    atomic_write_text(results_dir / "leaderboard.csv", board.to_csv(index=False))
+    # Under a lock: two writers finishing together would otherwise each write a
+    # leaderboard from the records they saw, and the later, staler one could win.
+    with locked(results_dir / ".leaderboard.lock"):
+        runs = runs_frame(load_records(results_dir))
+        board = leaderboard_frame(runs)
+        atomic_write_text(results_dir / "runs.csv", runs.to_csv(index=False))
+        atomic_write_text(results_dir / "leaderboard.csv", board.to_csv(index=False))
     return runs, board

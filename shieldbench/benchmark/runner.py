@@ -36,6 +36,7 @@ from rich.console import Console
 
 from shieldbench.attacks.base import Attack, AttackContext, PoisonPlan
 from shieldbench.benchmark.keys import base_eval_key, base_key, plan_key, repair_key, train_key
+from shieldbench.locks import locked
 from shieldbench.benchmark.store import ArtifactStore
 from shieldbench.data.datasets import build_dataset
 from shieldbench.data.types import DatasetBundle
@@ -101,6 +102,12 @@ def new_model(spec: ExperimentSpec) -> ClipModel:
 
 
 def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, dict[str, Any]]:
+    # The lock makes a concurrent worker wait here and then reuse what this one built.
+    with rc.store.lock("base", base_key(rc.spec)):
+        return _train_base_model(rc, bundle)
+
+
+def _train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, dict[str, Any]]:
     """The clean base model: trained once per (data, model, base spec), then cached."""
     spec, store = rc.spec, rc.store
     key = base_key(spec)
@@ -136,6 +143,12 @@ def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | N
 
 
 def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
+    # The lock makes a concurrent worker wait here and then reuse what this one built.
+    with rc.store.lock("plans", plan_key(rc.spec)):
+        return _plan_attack(rc, attack)
+
+
+def _plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
     spec = rc.spec
     key = plan_key(spec)
     cached = rc.store.load_json("plans", key, "plan.json")
@@ -163,6 +176,12 @@ def defense_context(rc: RunContext, phase: str) -> DefenseContext:
 
 
 def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defense) -> tuple[ClipModel, dict[str, Any]]:
+    # The lock makes a concurrent worker wait here and then reuse what this one built.
+    with rc.store.lock("train", train_key(rc.spec, type(defense).trains())):
+        return _train_victim(rc, base, view, defense)
+
+
+def _train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defense) -> tuple[ClipModel, dict[str, Any]]:
     spec, store = rc.spec, rc.store
     key = train_key(spec, type(defense).trains())
     model = copy.deepcopy(base)
@@ -191,6 +210,12 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
 
 
 def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
+    # The lock makes a concurrent worker wait here and then reuse what this one built.
+    with rc.store.lock("repair", repair_key(rc.spec, trained_key)):
+        return _repair_victim(rc, model, bundle, defense, trained_key)
+
+
+def _repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
     spec, store = rc.spec, rc.store
     key = repair_key(spec, trained_key)
     repaired = copy.deepcopy(model)
@@ -227,6 +252,13 @@ def run_evaluation(rc: RunContext, model: ClipModel, bundle: DatasetBundle, atta
 
 def evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle, attack: Attack,
                         plan: PoisonPlan) -> dict[str, float]:
+    # The lock makes a concurrent worker wait here and then reuse what this one built.
+    with rc.store.lock("base_eval", base_eval_key(rc.spec, plan.hash())):
+        return _evaluate_base_model(rc, base, bundle, attack, plan)
+
+
+def _evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle, attack: Attack,
+                        plan: PoisonPlan) -> dict[str, float]:
     """The clean base model under the same trigger: what the trigger does with no backdoor at all.
 
     Shared by every defense under one attack and seed, so it is cached next
@@ -247,18 +279,39 @@ def record_path(results_dir: Path, run_id: str) -> Path:
     return results_dir / "runs" / run_id / "record.json"
 
 
+def finished_record(spec: ExperimentSpec, results_dir: str | Path) -> dict[str, Any] | None:
+    """The cell's record if it finished (status ``ok``), marked ``reused_record``; else None."""
+    rpath = record_path(Path(results_dir), run_id_for(spec))
+    if not rpath.is_file():
+        return None
+    record = read_json(rpath)
+    if not isinstance(record, dict) or record.get("status") != "ok":
+        return None
+    record["reused_record"] = True
+    return record
+
+
 def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console: Console | None = None,
              show_progress: bool = True, force: bool = False) -> dict[str, Any]:
-    """Run (or reuse) one cell and write its record. Returns the record."""
+    """Run (or reuse) one cell and write its record. Returns the record.
+
+    Holds the cell's lock throughout, so a second worker or grid asking for
+    the same cell waits, then reuses the finished record.
+    """
     results_dir = Path(results_dir)
+    with locked(results_dir / "runs" / f"{run_id_for(spec)}.lock"):
+        return _run_cell(spec, results_dir, console, show_progress, force)
+
+
+def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, show_progress: bool,
+              force: bool) -> dict[str, Any]:
     console = console or Console(stderr=True)
     run_id = run_id_for(spec)
     rpath = record_path(results_dir, run_id)
-    if rpath.is_file() and not force:
-        record = read_json(rpath)
-        if record.get("status") == "ok":
-            record["reused_record"] = True
-            return record
+    if not force:
+        done = finished_record(spec, results_dir)
+        if done is not None:
+            return done
     # Fail on bad names before any work.
     ATTACKS.get(spec.attack.name)
     defense_cls = DEFENSES.get(spec.defense.name)

@@ -5,13 +5,19 @@ the inputs that determine it: the clean base model, poison plans, trained
 checkpoints, repaired checkpoints. A finished artifact (its ``model.pt`` or
 ``plan.json`` present) is never overwritten; an unfinished one holds a
 resumable ``ckpt.pt``.
+
+Builders hold :meth:`ArtifactStore.lock` while they look for and build an
+artifact, so concurrent workers build each one once; every build is noted in
+``cache/builds.jsonl`` (kind, key, process).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from shieldbench.locks import locked, note_build
 
 from shieldbench.fileio import atomic_write_json, read_json
 from shieldbench.models.clip import ClipModel
@@ -24,6 +30,14 @@ class ArtifactStore:
 
     def dir(self, kind: str, key: str) -> Path:
         return self.root / kind / key
+
+    def lock(self, kind: str, key: str) -> AbstractContextManager[None]:
+        """The inter-process lock of one artifact: hold it to look for the artifact and build it."""
+        return locked(self.root / kind / f"{key}.lock")
+
+    @property
+    def builds_log(self) -> Path:
+        return self.root / "builds.jsonl"
 
     # -- models ---------------------------------------------------------------------
     def model_path(self, kind: str, key: str) -> Path:
@@ -43,6 +57,7 @@ class ArtifactStore:
         atomic_write_json(self.dir(kind, key) / "meta.json", meta)
         # The resumable checkpoint is no longer needed once the model is final.
         self.checkpoint_path(kind, key).unlink(missing_ok=True)
+        note_build(self.builds_log, kind, key)
 
     def load_model_into(self, kind: str, key: str, model: ClipModel) -> dict[str, Any]:
         state = safe_load(self.model_path(kind, key))
@@ -62,6 +77,7 @@ class ArtifactStore:
         p = self.json_path(kind, key, name)
         if not p.is_file():
             atomic_write_json(p, obj)
+            note_build(self.builds_log, kind, key)
 
 
 __all__ = ["ArtifactStore"]

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterable, Sequence
 
+from shieldbench.locks import locked
+
 __all__ = [
     "KnowledgeCache",
     "KnowledgeRecord",
@@ -234,7 +236,18 @@ class KnowledgeSource:
         return [c for c in dict.fromkeys(captions) if c not in self._cache]
 
     def run(self, captions: Sequence[str], progress=None, limit: int | None = None) -> int:
-        """Extract and cache every uncached caption; returns how many were new."""
+        """Extract and cache every uncached caption; returns how many were new.
+
+        With an on-disk cache, holds its lock and first reads what other
+        processes appended, so concurrent runs extract each caption once.
+        """
+        if self._cache.path is None or not self.missing(captions):
+            return self._run(captions, progress, limit)
+        with locked(str(self._cache.path) + ".lock"):
+            self._cache = KnowledgeCache(self._cache.path)
+            return self._run(captions, progress, limit)
+
+    def _run(self, captions: Sequence[str], progress=None, limit: int | None = None) -> int:
         todo = self.missing(captions)
         if limit is not None:
             todo = todo[: max(0, limit)]
