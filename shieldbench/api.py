@@ -117,16 +117,20 @@ def grid_cells(base: ExperimentSpec, attacks: list[str], defenses: list[str], se
 def run_grid(base: ExperimentSpec, attacks: list[str], defenses: list[str], seeds: list[int],
              results_dir: str | Path = "results", console: Console | None = None,
              show_progress: bool = True, workers: int = 1, force: bool = False,
-             plugins: Iterable[str] = ()) -> list[dict[str, Any]]:
+             plugins: Iterable[str] = (), executor: str = "local",
+             slurm: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every attack x defense x seed cell; finished cells are reused, not retrained.
 
     ``workers`` > 1 runs the cells on that many processes (``plugins`` are
-    imported in each); shared stages are still built once.
+    imported in each); ``executor="slurm"`` submits job arrays through
+    submitit with the ``slurm`` options (partition, gpus_per_job,
+    cpus_per_job, time_min, parallelism); shared stages are still built once.
     """
     from shieldbench.benchmark.grid import run_grid as _run_grid
 
     return _run_grid(grid_cells(base, attacks, defenses, seeds), results_dir, console=console,
-                     show_progress=show_progress, workers=workers, force=force, plugins=list(plugins))
+                     show_progress=show_progress, workers=workers, force=force, plugins=list(plugins),
+                     executor=executor, slurm=slurm)
 
 
 def plan_grid(base: ExperimentSpec, attacks: list[str], defenses: list[str], seeds: list[int],

@@ -190,6 +190,13 @@ def grid(
     plugin: list[str] = typer.Option([], "--plugin", help="import a module that registers plugins"),
     results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
     workers: int = typer.Option(1, "--workers", "-w", help="worker processes (one GPU each when there are GPUs)"),
+    executor: str = typer.Option("local", "--executor", help="local (this machine, --workers processes) | slurm "
+                                 "(job arrays through submitit) | submitit-local (the slurm path run here, for testing)"),
+    slurm_partition: str = typer.Option("", "--slurm-partition", help="Slurm partition (default: the cluster's)"),
+    slurm_gpus_per_job: int = typer.Option(1, "--slurm-gpus-per-job", help="GPUs per job (a cell uses one)"),
+    slurm_cpus_per_job: int = typer.Option(8, "--slurm-cpus-per-job", help="CPUs per job"),
+    slurm_time: int = typer.Option(720, "--slurm-time", help="time limit per job, minutes"),
+    slurm_parallelism: int = typer.Option(64, "--slurm-parallelism", help="most jobs of an array running at once"),
     force: bool = typer.Option(False, "--force", help="re-run cells that have a finished record (artifacts are reused)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (stages needed, cached, to run); run nothing"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -199,8 +206,9 @@ def grid(
     Finished cells are reused (re-running a grid after a crash resumes it), the
     clean base model is trained once, and post-training defenses (CleanCLIP)
     repair the `none` cell's checkpoint instead of retraining. With --workers N
-    the cells run on N processes; shared stages are still built once (each
-    artifact has a lock), and two grids on one results folder are safe.
+    the cells run on N processes, with --executor slurm as Slurm job arrays
+    (submitit); shared stages are still built once (each artifact has a
+    lock), and two grids on one results folder are safe.
 
     Examples:
 
@@ -208,12 +216,24 @@ def grid(
 
       shieldbench grid --attacks all --defenses all --seeds 0,1,2 --workers 8 --dry-run
 
+      shieldbench grid --attacks all --defenses all --seeds 0,1,2 --executor slurm --slurm-partition gpu
+
       shieldbench grid --preset smoke --attacks none,badnets --defenses none
     """
     from shieldbench import api
 
     if workers < 1:
         raise UserError(f"--workers {workers}: must be >= 1")
+    if executor not in ("local", "slurm", "submitit-local"):
+        raise UserError(f"--executor {executor!r}: choose one of local, slurm, submitit-local")
+    for flag, value in (("--slurm-time", slurm_time), ("--slurm-cpus-per-job", slurm_cpus_per_job),
+                        ("--slurm-parallelism", slurm_parallelism)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
+    if slurm_gpus_per_job not in (0, 1):
+        # Refused rather than accepted and left idle: a run trains on one device until data-parallel runs exist.
+        raise UserError(f"--slurm-gpus-per-job {slurm_gpus_per_job}: a cell trains on one GPU (data-parallel runs "
+                        f"are not built yet); use 1 (or 0 for CPU jobs)")
     api.load_plugins(plugin)
     try:
         seed_list = [int(s) for s in _names(seeds, "seeds")]
@@ -225,8 +245,11 @@ def grid(
     if dry_run:
         print_grid_plan(api.plan_grid(base, attack_names, defense_names, seed_list, results, force=force), workers)
         return
+    slurm = {"partition": slurm_partition, "gpus_per_job": slurm_gpus_per_job, "cpus_per_job": slurm_cpus_per_job,
+             "time_min": slurm_time, "parallelism": slurm_parallelism}
     records = api.run_grid(base, attack_names, defense_names, seed_list, results, console=err,
-                           show_progress=not quiet, workers=workers, force=force, plugins=plugin)
+                           show_progress=not quiet, workers=workers, force=force, plugins=plugin,
+                           executor=executor, slurm=slurm if executor != "local" else None)
     failed = [r for r in records if r["status"] != "ok"]
     report = api.write_report(results)
     out.print(f"{len(records) - len(failed)} of {len(records)} cells ok; leaderboard: {results / 'leaderboard.csv'}; report: {report}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cli_helpers import EXE, needs_cli, sb
+from cli_helpers import EXE, needs_cli, one_error_line, sb
 from shieldbench import api
 from shieldbench.benchmark.store import ArtifactStore
 from shieldbench.locks import locked
@@ -79,15 +79,47 @@ def test_grid_plan_counts_shared_stages_once(tmp_path):
     assert plan.trainings == 21
 
 
+def test_slurm_waves_put_base_builders_first_and_repairs_last():
+    from shieldbench.benchmark.slurm import waves
+
+    base = api.make_spec(preset="smoke", resolved=False)
+    cells = api.grid_cells(base, ["none", "badnets"], ["cleanclip", "none", "semantic_shield"], [0, 1])
+    names = [[(cells[i].attack.name, cells[i].defense.name, cells[i].seed) for i in w] for w in waves(cells)]
+    # One base model for every cell: the first cell builds it; CleanCLIP cells wait for the none checkpoints.
+    assert names[0] == [("none", "none", 0)]
+    assert all(d != "cleanclip" for _, d, _ in names[1]) and len(names[1]) == 7
+    assert sorted(names[2]) == [(a, "cleanclip", s) for a in ("badnets", "none") for s in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def sequential_grid(tmp_path_factory) -> Path:
+    """The reference: the grid run in one process."""
+    cwd = tmp_path_factory.mktemp("sequential")
+    one = sb(*GRID, "-o", "res", cwd=cwd)
+    assert one.returncode == 0, one.stderr
+    return cwd / "res"
+
+
 @needs_cli
 @pytest.mark.slow
-def test_two_workers_match_one_build_each_artifact_once_and_resume_trains_nothing(tmp_path):
-    one = sb(*GRID, "-o", "w1", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr
+def test_slurm_path_through_submitit_local_matches(tmp_path, sequential_grid):
+    proc = sb(*GRID, "-o", "res", "--executor", "submitit-local", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "6 cells to run as Slurm job arrays" in proc.stderr
+    pd.testing.assert_frame_equal(runs(sequential_grid), runs(tmp_path / "res"))
+    assert max(builds(tmp_path / "res").values()) == 1
+    line = one_error_line(sb(*GRID, "-o", "res", "--executor", "slurm", "--slurm-gpus-per-job", "4", cwd=tmp_path))
+    assert "--slurm-gpus-per-job 4" in line
+    assert "choose one of local, slurm" in one_error_line(sb(*GRID, "--executor", "pbs", cwd=tmp_path))
+
+
+@needs_cli
+@pytest.mark.slow
+def test_two_workers_match_one_build_each_artifact_once_and_resume_trains_nothing(tmp_path, sequential_grid):
     two = sb(*GRID, "-o", "w2", "--workers", "2", cwd=tmp_path)
     assert two.returncode == 0, two.stderr
     assert "6 cells to run on 2 workers" in two.stderr and "ETA" in two.stderr
-    pd.testing.assert_frame_equal(runs(tmp_path / "w1"), runs(tmp_path / "w2"))
+    pd.testing.assert_frame_equal(runs(sequential_grid), runs(tmp_path / "w2"))
     built = builds(tmp_path / "w2")
     assert max(built.values()) == 1
     assert Counter(k for k, _ in built) == {"base": 1, "plans": 2, "base_eval": 2, "train": 4, "repair": 2}

@@ -89,8 +89,15 @@ def run_grid(
     workers: int = 1,
     force: bool = False,
     plugins: Sequence[str] = (),
+    executor: str = "local",
+    slurm: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every cell (``workers`` > 1: on that many processes, see :mod:`.workers`); records in cell order.
+    """Run every cell; records in cell order.
+
+    ``executor="local"``: in this process, or on ``workers`` processes
+    (:mod:`.workers`); ``"slurm"``: job arrays through submitit
+    (:mod:`.slurm`, ``slurm`` holds its options); ``"submitit-local"``: the
+    Slurm path with submitit's local executor (subprocesses here).
 
     The leaderboard is rebuilt after every cell, so a crash leaves an
     up-to-date one; a finished cell is reused unless ``force``.
@@ -106,15 +113,28 @@ def run_grid(
             on_cell(spec, rec)
 
     todo = list(range(len(cells))) if force else [i for i, spec in enumerate(cells) if finished_record(spec, results_dir) is None]
-    if workers > 1 and len(todo) > 1:
-        # Finished cells are read here: starting worker processes for them would cost more than the cells.
+    if executor != "local" or (workers > 1 and len(todo) > 1):
+        # Finished cells are read here: starting processes or jobs for them would cost more than the cells.
         records: list[dict[str, Any]] = [{}] * len(cells)
         for i in sorted(set(range(len(cells))) - set(todo)):
             records[i] = finished_record(cells[i], results_dir) or {}
             progress.cell(cells[i], records[i], 0.0)
-        console.print(f"{len(todo)} cells to run on {workers} workers", highlight=False)
-        ran = run_parallel([cells[i] for i in todo], results_dir, workers, force=force, plugins=plugins,
-                           on_done=lambda j, spec, rec: finished(spec, rec, rec.get("worker", {}).get("seconds", 0.0)))
+
+        def done(j: int, spec: ExperimentSpec, rec: dict[str, Any]) -> None:
+            finished(spec, rec, rec.get("worker", {}).get("seconds", 0.0))
+
+        if executor == "local":
+            console.print(f"{len(todo)} cells to run on {workers} workers", highlight=False)
+            ran = run_parallel([cells[i] for i in todo], results_dir, workers, force=force, plugins=plugins,
+                               on_done=done)
+        else:
+            from shieldbench.benchmark.slurm import run_slurm
+
+            progress.workers = max(1, int((slurm or {}).get("parallelism", 1)))
+            console.print(f"{len(todo)} cells to run as Slurm job arrays"
+                          + (" (submitit's local executor)" if executor == "submitit-local" else ""), highlight=False)
+            ran = run_slurm([cells[i] for i in todo], results_dir, on_done=done, plugins=plugins, force=force,
+                            cluster="local" if executor == "submitit-local" else "slurm", **(slurm or {}))
         for i, rec in zip(todo, ran):
             records[i] = rec
         return records
