@@ -299,7 +299,7 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
     the same cell waits, then reuses the finished record.
     """
     results_dir = Path(results_dir)
-    with locked(results_dir / "runs" / f"{run_id_for(spec)}.lock"):
+    with locked(results_dir / ".locks" / f"{run_id_for(spec)}.lock"):
         return _run_cell(spec, results_dir, console, show_progress, force)
 
 
