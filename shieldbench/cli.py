@@ -23,10 +23,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(knowledge_app, name="knowledge", help="Extract knowledge elements (Semantic Shield) with a language model.")
 out = Console()
 err = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"shieldbench {version('shieldbench')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="print the version and exit"),
+) -> None:
+    """Backdoor and poisoning attacks on CLIP, and the defenses against them."""
 
 
 DEFAULT_METRICS = "clean_top1,asr,asr_base_model,asr_before_repair,hit@1,i2t_R@1,poison_success,cost_train_s"

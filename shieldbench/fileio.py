@@ -15,10 +15,29 @@ from typing import Any
 from shieldbench.errors import UserError
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
+def default_file_mode() -> int:
+    """The mode a plain ``open`` would give a new file: 0o666 less the process umask."""
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A temp file in ``path``'s folder (so ``os.replace`` is atomic) with the umask's mode, not mkstemp's 0600.
+
+    A results folder shared by a group must stay readable to it; the final
+    file keeps the temp file's mode through the rename.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, default_file_mode())
+    return fd, tmp
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -47,7 +47,7 @@ def note_build(log: str | Path, kind: str, key: str) -> None:
                        "time": time.time()}) + "\n"
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
     try:
         os.write(fd, line.encode("utf-8"))
     finally:

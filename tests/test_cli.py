@@ -67,6 +67,11 @@ def test_list_and_help():
     for cmd in ("run", "grid", "report", "list", "leaderboard"):
         h = sb(cmd, "--help")
         assert h.returncode == 0 and "Examples" in h.stdout
+        assert sb(cmd, "-h").stdout == h.stdout
+    from importlib.metadata import version
+
+    v = sb("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"shieldbench {version('shieldbench')}"
 
 
 def test_grid_writes_report_and_resumes(tmp_path):

@@ -150,7 +150,7 @@ class KnowledgeCache:
         if self.path is None or not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
         try:
             # A previous crash may have left a line without its newline: start a
             # fresh line so the new record is not glued onto the broken one.

@@ -8,20 +8,19 @@ final model artifact holds the weights only.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shieldbench.errors import UserError
+from shieldbench.fileio import temp_beside
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
