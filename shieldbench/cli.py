@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -409,7 +410,17 @@ def leaderboard(
     out.print(t)
 
 
+def _on_interrupt(signum: int, frame: Any) -> None:
+    # Said here, not in an `except KeyboardInterrupt`: Click catches the interrupt and exits 130 silently.
+    # Finished artifacts are immutable and checkpoints are written atomically, so nothing is lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    err.print("interrupted: finished stages and the last checkpoint are kept; "
+              "run the same command again to resume", highlight=False, soft_wrap=True)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         app()
     except UserError as exc:

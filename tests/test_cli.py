@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 
 import pytest
 
@@ -95,3 +98,29 @@ def test_config_attack_and_defense_are_not_replaced_by_flag_defaults(tmp_path):
     assert "blended x semantic_shield" in proc.stdout
     proc = sb("run", "--config", str(cfg), "-a", "badnets", "--dry-run", "-o", str(tmp_path / "r"))
     assert "badnets x semantic_shield" in proc.stdout
+
+
+def test_json_without_quiet_is_valid_json_and_progress_goes_to_stderr(tmp_path):
+    proc = sb("run", "--preset", "smoke", "-a", "badnets", "-d", "none", "--json", "-o", "res", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["status"] == "ok" and record["attack"] == "badnets"
+    assert "train (none)" in proc.stderr  # the bar is there, on stderr
+
+
+def test_ctrl_c_says_a_rerun_resumes(tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([EXE, "run", "--preset", "smoke", "-a", "badnets", "-d", "none", "-q", "-o", "res",
+                             "--set", "base.epochs=200"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "res" / "cache" / "base").glob("*/ckpt.pt")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    assert list((tmp_path / "res" / "cache" / "base").glob("*/ckpt.pt"))  # the checkpoint survives

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shieldbench.data.loader import EpochBatchSampler, RowBatch, default_workers, make_loader
@@ -221,7 +222,8 @@ class Trainer:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
         )
-        progress = Progress(*columns, disable=not self.show_progress, transient=False)
+        # On stderr: stdout carries results (a table, or `--json`), which a bar would corrupt.
+        progress = Progress(*columns, console=Console(stderr=True), disable=not self.show_progress, transient=False)
         epochs_run = 0
         data_wait = 0.0
         # Made here, not in __init__, so its worker processes end with fit().
