@@ -18,8 +18,13 @@ lm-evaluation-harness and timm.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
+import importlib.util
+import os
+import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
 from shieldbench.errors import UserError
@@ -30,10 +35,21 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Name -> object (usually a class or factory) for one plugin kind."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, base: str = "") -> None:
         self.kind = kind
+        # "module:Class" every registered class must subclass (checked on registration and on first lookup
+        # of a lazy or entry-point entry), so a wrong class fails with one line, not a later AttributeError.
+        self.base = base
         self._entries: dict[str, T | str] = {}
         self._entry_points_loaded = False
+
+    def _check(self, name: str, obj: object) -> None:
+        if not self.base or not isinstance(obj, type):
+            return
+        base = _import_attr(self.base, f"the {self.kind} base class")
+        if not issubclass(obj, base):  # type: ignore[arg-type]
+            raise UserError(f"{self.kind[:-1]} {name!r}: {obj.__module__}.{obj.__qualname__} is not a subclass of "
+                            f"{self.base.replace(':', '.')}")
 
     # -- registration -------------------------------------------------------
     def register(self, name: str, *, override: bool = False) -> Callable[[T], T]:
@@ -49,6 +65,8 @@ class Registry(Generic[T]):
         """Register ``obj`` (or a lazy ``"module:attr"`` string) as ``name``."""
         if not name or not name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"invalid {self.kind} name {name!r}")
+        if not isinstance(obj, str):
+            self._check(name, obj)
         existing = self._entries.get(name)
         if existing is not None and not override and existing is not obj:
             # A lazy entry being resolved into its object is not a clash.
@@ -84,6 +102,7 @@ class Registry(Generic[T]):
         obj = self._entries[name]
         if isinstance(obj, str):
             obj = _import_attr(obj, f"{self.kind} {name!r}")
+            self._check(name, obj)
             self._entries[name] = obj
         return obj  # type: ignore[return-value]
 
@@ -103,16 +122,48 @@ def _import_attr(target: str, what: str) -> object:
         raise UserError(f"cannot load {what} from {target!r}: {exc}") from exc
 
 
-def load_plugin(module_name: str) -> None:
-    """Import a user module so its ``@register_*`` decorators run (``--plugin``)."""
+def load_plugin(target: str) -> None:
+    """Import a user module so its ``@register_*`` decorators run (``--plugin``).
+
+    ``target`` is a module name (the working directory is on the path, as for
+    ``python -m``) or the path of a ``.py`` file. Whatever the plugin raises on
+    import (a syntax error, a missing dependency, its own exception) is one
+    line naming the plugin and the error.
+    """
+    if not target or not target.strip():
+        raise UserError("--plugin: give a module name or the path of a .py file")
+    path = Path(target)
     try:
-        importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"cannot import plugin module {module_name!r}: {exc}") from exc
+        if target.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise UserError(f"plugin file not found: {path}")
+            # One module name per file, so importing it twice (e.g. in a grid worker) is a no-op.
+            name = "shieldbench_plugin_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            if name in sys.modules:
+                return
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise UserError(f"cannot import plugin file {path}: not a Python module")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            importlib.import_module(target)
+    except UserError:
+        raise
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"plugin {target!r} failed on import: {type(exc).__name__}: {detail}") from exc
 
 
-ATTACKS: Registry = Registry("attacks")
-DEFENSES: Registry = Registry("defenses")
+ATTACKS: Registry = Registry("attacks", base="shieldbench.attacks.base:Attack")
+DEFENSES: Registry = Registry("defenses", base="shieldbench.defenses.base:Defense")
 MODELS: Registry = Registry("models")
 DATASETS: Registry = Registry("datasets")
 KNOWLEDGE: Registry = Registry("knowledge")
