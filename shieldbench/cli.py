@@ -359,7 +359,7 @@ def leaderboard(
     defenses: str = typer.Option("", help="only these defenses, in this order (comma-separated)"),
     setting: str = typer.Option("", help="only settings whose label contains one of these texts (comma-separated; "
                                 "'-' = no label)"),
-    fmt: str = typer.Option("table", "--format", help="table (terminal) | markdown (for papers and docs) | csv"),
+    fmt: str = typer.Option("table", "--format", help="table (terminal) | markdown (docs) | latex (papers, booktabs) | csv"),
     rebuild: bool = typer.Option(True, help="rebuild the CSVs from the records first"),
 ) -> None:
     """Show the leaderboard (mean +- std over seeds) as a table.
@@ -377,18 +377,25 @@ def leaderboard(
       shieldbench leaderboard --attacks badnets,wanet --defenses none,semantic_shield --format markdown
     """
     from shieldbench import api
-    from shieldbench.benchmark.tables import cell, filter_rows, markdown
+    from shieldbench.benchmark.tables import SMOKE_NOTE, cell, filter_rows, latex, markdown
 
-    if fmt not in ("table", "markdown", "csv"):
-        raise UserError(f"--format {fmt!r}: choose table, markdown or csv")
+    if fmt == "md":
+        fmt = "markdown"
+    if fmt not in ("table", "markdown", "latex", "csv"):
+        raise UserError(f"--format {fmt!r}: choose table, markdown (md), latex or csv")
     if rebuild and (results / "runs").is_dir():
         api.rebuild_leaderboard(results)
     df = api.read_leaderboard(results)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     df = filter_rows(df, split(attacks), split(defenses), split(setting))
     wanted = split(metrics)
-    if fmt == "markdown":
-        out.print(markdown(df, wanted), end="", markup=False, highlight=False, soft_wrap=True)
+    smoke = "preset" in df.columns and df["preset"].astype(str).eq("smoke").any()
+    if fmt in ("markdown", "latex"):
+        # stdout stays pasteable; the note goes to stderr.
+        text = markdown(df, wanted) if fmt == "markdown" else latex(df, wanted)
+        out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+        if smoke:
+            err.print(f"note: {SMOKE_NOTE}", highlight=False, soft_wrap=True)
         return
     if fmt == "csv":
         sys.stdout.write(df.to_csv(index=False))
@@ -408,6 +415,8 @@ def leaderboard(
                  str(r["preset"]), str(r["n_seeds"])]
         t.add_row(*cells, *[cell(r, m) for m in shown])
     out.print(t)
+    if smoke:
+        out.print(f"[yellow]note:[/yellow] {SMOKE_NOTE}", highlight=False)
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:

@@ -86,6 +86,10 @@ def test_grid_writes_report_and_resumes(tmp_path):
         assert (tmp_path / "res" / "report" / name).is_file()
     again = sb(*args, cwd=tmp_path)
     assert again.returncode == 0 and "reused its record" in again.stderr
+    assert "smoke preset test code paths, not science" in again.stdout
+    assert (tmp_path / "res" / "leaderboard_long.csv").is_file()
+    tex = sb("leaderboard", "-o", "res", "--format", "latex", "--metrics", "clean_top1,asr", cwd=tmp_path)
+    assert tex.returncode == 0 and tex.stdout.startswith("\\begin{tabular}") and "smoke preset" in tex.stderr
     line = one_error_line(sb("grid", "--seeds", "a,b", cwd=tmp_path))
     assert "--seeds" in line
 

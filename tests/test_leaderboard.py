@@ -85,3 +85,21 @@ def test_markdown_table_cells_by_hand():
     assert md[0] == "| attack | defense | setting | n | clean_top1 | asr |"
     assert md[2] == "| wanet | semantic_shield |  | 1 | 90.0 | 50.0 |"  # one seed: no spread shown
     assert md[4] == "| badnets | semantic_shield |  | 2 | 95.0 ± 1.4 | 85.0 ± 7.1 |"
+
+
+def test_latex_and_the_tidy_long_export_by_hand():
+    from shieldbench.benchmark.tables import latex
+
+    records = [_record("ke", 0, 0.90, 0.96), _record("ke", 1, 0.80, 0.94), _record(None, 0, 0.99, 0.97)]
+    board = L.leaderboard_frame(L.runs_frame(records))
+    tex = latex(board[board["defense"] == "semantic_shield"], ["clean_top1", "asr"])
+    assert r"\toprule" in tex and r"clean\_top1" in tex
+    assert r"badnets & semantic\_shield &  & 2 & 95.0 $\pm$ 1.4 & 85.0 $\pm$ 7.1 \\" in tex
+    long = L.long_frame(board)
+    ke = long[(long["defense"] == "semantic_shield") & (long["metric"] == "asr")].iloc[0]
+    assert math.isclose(ke["mean"], 0.85) and math.isclose(ke["std"], math.sqrt(0.005))
+    assert ke["seeds"] == "0,1" and ke["n_seeds"] == 2
+    # one row per setting x metric that has a value: 2 settings x (asr, clean_top1)
+    assert len(long) == 4 and set(long["metric"]) == {"asr", "clean_top1"}
+    none = long[(long["defense"] == "none") & (long["metric"] == "asr")].iloc[0]
+    assert math.isnan(none["std"]) and math.isnan(none["seed_ci_low"])  # one seed: no spread

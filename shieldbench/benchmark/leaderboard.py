@@ -174,8 +174,24 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+STATS = ("mean", "std", "seed_ci_low", "seed_ci_high")
+
+
+def long_frame(board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard tidy: one row per setting x metric, with mean, std and the seed interval."""
+    ids = [c for c in [*GROUP, "setting", "config", "n_seeds", "seeds", "target", "poison_rate", "n_poison"]
+           if c in board.columns]
+    rows = []
+    for _, r in board.iterrows():
+        for m in HEADLINE:
+            if f"{m}_mean" not in board.columns or pd.isna(r.get(f"{m}_mean")):
+                continue
+            rows.append({**{c: r[c] for c in ids}, "metric": m, **{st: r.get(f"{m}_{st}") for st in STATS}})
+    return pd.DataFrame(rows, columns=[*ids, "metric", *STATS])
+
+
 def rebuild(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rewrite runs.csv and leaderboard.csv from the records (atomically)."""
+    """Rewrite runs.csv, leaderboard.csv and its tidy form leaderboard_long.csv from the records (atomically)."""
     results_dir = Path(results_dir)
     # Under a lock: two writers finishing together would otherwise each write a
     # leaderboard from the records they saw, and the later, staler one could win.
@@ -184,4 +200,5 @@ def rebuild(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         board = leaderboard_frame(runs)
         atomic_write_text(results_dir / "runs.csv", runs.to_csv(index=False))
         atomic_write_text(results_dir / "leaderboard.csv", board.to_csv(index=False))
+        atomic_write_text(results_dir / "leaderboard_long.csv", long_frame(board).to_csv(index=False))
     return runs, board

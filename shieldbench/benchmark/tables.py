@@ -59,14 +59,30 @@ def filter_rows(board: pd.DataFrame, attacks: Iterable[str] = (), defenses: Iter
     return out.copy().assign(_a=keys[0], _d=keys[1]).sort_values(["_a", "_d", "setting"], kind="stable").drop(columns=["_a", "_d"])
 
 
-def markdown(board: pd.DataFrame, metrics: list[str], digits: int = 1) -> str:
-    """A GitHub markdown table: attack, defense, setting, n (seeds), then one ``mean ± std`` column per metric."""
+SMOKE_NOTE = ("rows of the smoke preset test code paths, not science: their models are near chance "
+              "and their numbers mean nothing")
+
+
+def cells(board: pd.DataFrame, metrics: list[str], digits: int = 1) -> pd.DataFrame:
+    """The table the formats share: attack, defense, setting, n (seeds), one ``mean ± std`` column per metric."""
     shown = [m for m in metrics if f"{m}_mean" in board.columns]
-    head = ["attack", "defense", "setting", "n", *shown]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for _, r in board.iterrows():
         setting = "" if _missing(r.get("setting")) else str(r["setting"])
-        cells = [str(r["attack"]), str(r["defense"]), setting, str(int(r["n_seeds"]))]
-        cells += [cell(r, m, digits) for m in shown]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([str(r["attack"]), str(r["defense"]), setting, str(int(r["n_seeds"])),
+                     *[cell(r, m, digits) for m in shown]])
+    return pd.DataFrame(rows, columns=["attack", "defense", "setting", "n", *shown])
+
+
+def latex(board: pd.DataFrame, metrics: list[str], digits: int = 1) -> str:
+    """A booktabs LaTeX table (pandas' ``to_latex``): the same cells as :func:`markdown`, ``±`` as ``$\\pm$``."""
+    text = cells(board, metrics, digits).to_latex(index=False, escape=True)
+    return text.replace("±", r"$\pm$")
+
+
+def markdown(board: pd.DataFrame, metrics: list[str], digits: int = 1) -> str:
+    """A GitHub markdown table: attack, defense, setting, n (seeds), then one ``mean ± std`` column per metric."""
+    t = cells(board, metrics, digits)
+    lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in t.itertuples(index=False)]
     return "\n".join(lines) + "\n"
