@@ -45,8 +45,8 @@ def test_run_smoke_then_leaderboard(tmp_path):
     lines = md.stdout.splitlines()
     assert md.returncode == 0 and lines[0] == "| attack | defense | setting | n | clean_top1 | asr |"
     assert lines[2].startswith("| badnets | none |  | 1 | ")
-    assert one_error_line(sb("leaderboard", "-o", "res", "--format", "latex", cwd=tmp_path)).endswith(
-        "choose table, markdown or csv")
+    assert one_error_line(sb("leaderboard", "-o", "res", "--format", "html", cwd=tmp_path)).endswith(
+        "choose table, markdown (md), latex or csv")
 
 
 def test_leaderboard_missing_is_one_line(tmp_path):
