@@ -112,38 +112,43 @@ def run_grid(
         if on_cell:
             on_cell(spec, rec)
 
-    todo = list(range(len(cells))) if force else [i for i, spec in enumerate(cells) if finished_record(spec, results_dir) is None]
-    if executor != "local" or (workers > 1 and len(todo) > 1):
-        # Finished cells are read here: starting processes or jobs for them would cost more than the cells.
-        records: list[dict[str, Any]] = [{}] * len(cells)
-        for i in sorted(set(range(len(cells))) - set(todo)):
-            records[i] = finished_record(cells[i], results_dir) or {}
-            progress.cell(cells[i], records[i], 0.0)
-
-        def done(j: int, spec: ExperimentSpec, rec: dict[str, Any]) -> None:
-            finished(spec, rec, rec.get("worker", {}).get("seconds", 0.0))
-
-        if executor == "local":
-            console.print(f"{len(todo)} cells to run on {workers} workers", highlight=False)
-            ran = run_parallel([cells[i] for i in todo], results_dir, workers, force=force, plugins=plugins,
-                               on_done=done)
-        else:
-            from shieldbench.benchmark.slurm import run_slurm
-
-            progress.workers = max(1, int((slurm or {}).get("parallelism", 1)))
-            console.print(f"{len(todo)} cells to run as Slurm job arrays"
-                          + (" (submitit's local executor)" if executor == "submitit-local" else ""), highlight=False)
-            ran = run_slurm([cells[i] for i in todo], results_dir, on_done=done, plugins=plugins, force=force,
-                            cluster="local" if executor == "submitit-local" else "slurm", **(slurm or {}))
-        for i, rec in zip(todo, ran):
-            records[i] = rec
+    def sequential() -> list[dict[str, Any]]:
+        records = []
+        for i, spec in enumerate(cells, 1):
+            console.print(f"[bold]cell {i}/{len(cells)}[/bold] {spec.attack.name} x {spec.defense.name}, seed {spec.seed}",
+                          highlight=False)
+            t = time.perf_counter()
+            rec = run_cell(spec, results_dir, console=console, show_progress=show_progress, force=force)
+            records.append(rec)
+            finished(spec, rec, time.perf_counter() - t)
         return records
-    records = []
-    for i, spec in enumerate(cells, 1):
-        console.print(f"[bold]cell {i}/{len(cells)}[/bold] {spec.attack.name} x {spec.defense.name}, seed {spec.seed}",
-                      highlight=False)
-        t = time.perf_counter()
-        rec = run_cell(spec, results_dir, console=console, show_progress=show_progress, force=force)
-        records.append(rec)
-        finished(spec, rec, time.perf_counter() - t)
-    return records
+
+    if executor == "local" and workers == 1:
+        return sequential()
+    # Finished cells are read here: starting processes or jobs for them would cost more than the cells.
+    records: list[dict[str, Any] | None] = [None if force else finished_record(spec, results_dir) for spec in cells]
+    todo = [i for i, rec in enumerate(records) if rec is None]
+    if executor == "local" and len(todo) <= 1:
+        return sequential()
+    for i, rec in enumerate(records):
+        if rec is not None:
+            progress.cell(cells[i], rec, 0.0)
+
+    def done(j: int, spec: ExperimentSpec, rec: dict[str, Any]) -> None:
+        finished(spec, rec, rec.get("worker", {}).get("seconds", 0.0))
+
+    if executor == "local":
+        console.print(f"{len(todo)} cells to run on {workers} workers", highlight=False)
+        ran = run_parallel([cells[i] for i in todo], results_dir, workers, force=force, plugins=plugins,
+                           on_done=done)
+    else:
+        from shieldbench.benchmark.slurm import run_slurm
+
+        progress.workers = max(1, int((slurm or {}).get("parallelism", 1)))
+        console.print(f"{len(todo)} cells to run as Slurm job arrays"
+                      + (" (submitit's local executor)" if executor == "submitit-local" else ""), highlight=False)
+        ran = run_slurm([cells[i] for i in todo], results_dir, on_done=done, plugins=plugins, force=force,
+                        cluster="local" if executor == "submitit-local" else "slurm", **(slurm or {}))
+    for i, rec in zip(todo, ran):
+        records[i] = rec
+    return [r for r in records if r is not None]

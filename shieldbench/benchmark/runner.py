@@ -101,36 +101,37 @@ def new_model(spec: ExperimentSpec) -> ClipModel:
     return build_model(spec.model.name, spec.model.pretrained, spec.data.image_size)
 
 
+def has_base_stage(spec: ExperimentSpec, bundle: DatasetBundle) -> bool:
+    """Whether a clean base model is trained: not with pretrained weights, ``base.epochs = 0`` or no pretraining split."""
+    return spec.base.epochs > 0 and bundle.pretrain is not None and not spec.model.pretrained
+
+
 def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, dict[str, Any]]:
-    # The lock makes a concurrent worker wait here and then reuse what this one built.
-    with rc.store.lock("base", base_key(rc.spec)):
-        return _train_base_model(rc, bundle)
-
-
-def _train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, dict[str, Any]]:
     """The clean base model: trained once per (data, model, base spec), then cached."""
     spec, store = rc.spec, rc.store
     key = base_key(spec)
-    torch.manual_seed(derive_seed(spec.data.seed, "base-init"))
-    model = new_model(spec)
-    if store.has_model("base", key):
-        meta = store.load_model_into("base", key, model)
-        return model, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
-    if spec.base.epochs == 0 or bundle.pretrain is None or spec.model.pretrained:
-        # No base stage: the pretrained weights (or the random init) are the clean model.
-        return model, {"key": key, "cached": False, "seconds": 0.0, "steps": 0,
-                       "source": "pretrained" if spec.model.pretrained else ("random init" if bundle.pretrain is None or spec.base.epochs == 0 else "")}
-    trainer = Trainer(
-        model, TrainView.from_pairs(bundle.pretrain),
-        TrainConfig.from_spec(spec.base, derive_seed(spec.data.seed, "base"), spec.data.on_error, spec.runtime),
-        checkpoint_path=store.checkpoint_path("base", key), device=rc.device,
-        description="clean base model", show_progress=rc.show_progress,
-    )
-    result = trainer.fit()
-    meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history}
-    store.save_model("base", key, model, meta)
-    return model, {"key": key, "cached": False, "seconds": result.seconds, "steps": result.steps,
-                   "resumed_from_epoch": result.resumed_from_epoch}
+    # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
+    with rc.store.lock("base", key):
+        torch.manual_seed(derive_seed(spec.data.seed, "base-init"))
+        model = new_model(spec)
+        if store.has_model("base", key):
+            meta = store.load_model_into("base", key, model)
+            return model, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
+        if not has_base_stage(spec, bundle):
+            # No base stage: the pretrained weights (or the random init) are the clean model.
+            return model, {"key": key, "cached": False, "seconds": 0.0, "steps": 0,
+                           "source": "pretrained" if spec.model.pretrained else ("random init" if bundle.pretrain is None or spec.base.epochs == 0 else "")}
+        trainer = Trainer(
+            model, TrainView.from_pairs(bundle.pretrain),
+            TrainConfig.from_spec(spec.base, derive_seed(spec.data.seed, "base"), spec.data.on_error, spec.runtime),
+            checkpoint_path=store.checkpoint_path("base", key), device=rc.device,
+            description="clean base model", show_progress=rc.show_progress,
+        )
+        result = trainer.fit()
+        meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history}
+        store.save_model("base", key, model, meta)
+        return model, {"key": key, "cached": False, "seconds": result.seconds, "steps": result.steps,
+                       "resumed_from_epoch": result.resumed_from_epoch}
 
 
 def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | None = None) -> Attack:
@@ -143,27 +144,23 @@ def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | N
 
 
 def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
-    # The lock makes a concurrent worker wait here and then reuse what this one built.
-    with rc.store.lock("plans", plan_key(rc.spec)):
-        return _plan_attack(rc, attack)
-
-
-def _plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
     spec = rc.spec
     key = plan_key(spec)
-    cached = rc.store.load_json("plans", key, "plan.json")
-    if cached is not None:
-        try:
-            plan = PoisonPlan.from_dict(cached)
-        except TypeError as exc:
-            raise UserError(f"corrupt poison plan {rc.store.json_path('plans', key, 'plan.json')}: {exc}") from exc
-        attack.restore(plan)
-        return plan, True
-    # Not keyed by the attack name: `none` and `badnets` with one seed share the
-    # trigger pattern, so the control row measures the very trigger BadNets uses.
-    plan = attack.plan(derive_seed(spec.seed, "attack"))
-    rc.store.save_json("plans", key, "plan.json", plan.to_dict())
-    return plan, False
+    # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
+    with rc.store.lock("plans", key):
+        cached = rc.store.load_json("plans", key, "plan.json")
+        if cached is not None:
+            try:
+                plan = PoisonPlan.from_dict(cached)
+            except TypeError as exc:
+                raise UserError(f"corrupt poison plan {rc.store.json_path('plans', key, 'plan.json')}: {exc}") from exc
+            attack.restore(plan)
+            return plan, True
+        # Not keyed by the attack name: `none` and `badnets` with one seed share the
+        # trigger pattern, so the control row measures the very trigger BadNets uses.
+        plan = attack.plan(derive_seed(spec.seed, "attack"))
+        rc.store.save_json("plans", key, "plan.json", plan.to_dict())
+        return plan, False
 
 
 def defense_context(rc: RunContext, phase: str) -> DefenseContext:
@@ -176,60 +173,52 @@ def defense_context(rc: RunContext, phase: str) -> DefenseContext:
 
 
 def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defense) -> tuple[ClipModel, dict[str, Any]]:
-    # The lock makes a concurrent worker wait here and then reuse what this one built.
-    with rc.store.lock("train", train_key(rc.spec, type(defense).trains())):
-        return _train_victim(rc, base, view, defense)
-
-
-def _train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defense) -> tuple[ClipModel, dict[str, Any]]:
     spec, store = rc.spec, rc.store
     key = train_key(spec, type(defense).trains())
-    model = copy.deepcopy(base)
-    if store.has_model("train", key):
-        meta = store.load_model_into("train", key, model)
-        return model, {"key": key, "reused": True, "reused_from": meta.get("run_id", ""), "seconds": 0.0,
-                       "steps": meta.get("steps", 0), "history": meta.get("history", []),
-                       "n_skipped_images": meta.get("n_skipped_images", 0)}
-    trains = type(defense).trains()
-    d = defense if trains else DEFENSES.get("none")(spec.defense.__class__(name="none"))
-    ctx = defense_context(rc, "train")
-    data = d.prepare_data(view, ctx)
-    trainer = Trainer(
-        model, data, TrainConfig.from_spec(spec.train, derive_seed(spec.seed, "train"), spec.data.on_error, spec.runtime),
-        objective=d.objective(ctx), callbacks=d.callbacks(ctx),
-        checkpoint_path=store.checkpoint_path("train", key), device=rc.device,
-        description=f"train ({d.spec.name})", show_progress=rc.show_progress,
-    )
-    result = trainer.fit()
-    meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history, "run_id": run_id_for(spec),
-            "defense": d.spec.name, "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
-    store.save_model("train", key, model, meta)
-    return model, {"key": key, "reused": False, "seconds": result.seconds, "steps": result.steps,
-                   "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
-                   "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
+    # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
+    with rc.store.lock("train", key):
+        model = copy.deepcopy(base)
+        if store.has_model("train", key):
+            meta = store.load_model_into("train", key, model)
+            return model, {"key": key, "reused": True, "reused_from": meta.get("run_id", ""), "seconds": 0.0,
+                           "steps": meta.get("steps", 0), "history": meta.get("history", []),
+                           "n_skipped_images": meta.get("n_skipped_images", 0)}
+        trains = type(defense).trains()
+        d = defense if trains else DEFENSES.get("none")(spec.defense.__class__(name="none"))
+        ctx = defense_context(rc, "train")
+        data = d.prepare_data(view, ctx)
+        trainer = Trainer(
+            model, data, TrainConfig.from_spec(spec.train, derive_seed(spec.seed, "train"), spec.data.on_error, spec.runtime),
+            objective=d.objective(ctx), callbacks=d.callbacks(ctx),
+            checkpoint_path=store.checkpoint_path("train", key), device=rc.device,
+            description=f"train ({d.spec.name})", show_progress=rc.show_progress,
+        )
+        result = trainer.fit()
+        meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history, "run_id": run_id_for(spec),
+                "defense": d.spec.name, "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
+        store.save_model("train", key, model, meta)
+        return model, {"key": key, "reused": False, "seconds": result.seconds, "steps": result.steps,
+                       "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
+                       "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
 
 
 def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
-    # The lock makes a concurrent worker wait here and then reuse what this one built.
-    with rc.store.lock("repair", repair_key(rc.spec, trained_key)):
-        return _repair_victim(rc, model, bundle, defense, trained_key)
-
-
-def _repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
     spec, store = rc.spec, rc.store
     key = repair_key(spec, trained_key)
-    repaired = copy.deepcopy(model)
-    if store.has_model("repair", key):
-        meta = store.load_model_into("repair", key, repaired)
-        return repaired, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
-    start = time.perf_counter()
-    ctx = defense_context(rc, "repair")
-    ctx.extras["checkpoint_path"] = str(store.checkpoint_path("repair", key))
-    repaired = defense.repair(repaired, TrainView.from_pairs(bundle.clean), ctx)
-    seconds = time.perf_counter() - start
-    meta = {"seconds": seconds, "steps": int(ctx.extras.get("steps", 0)), "history": ctx.extras.get("history", [])}
-    store.save_model("repair", key, repaired, meta)
-    return repaired, {"key": key, "cached": False, "seconds": seconds, "steps": meta["steps"]}
+    # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
+    with rc.store.lock("repair", key):
+        repaired = copy.deepcopy(model)
+        if store.has_model("repair", key):
+            meta = store.load_model_into("repair", key, repaired)
+            return repaired, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
+        start = time.perf_counter()
+        ctx = defense_context(rc, "repair")
+        ctx.extras["checkpoint_path"] = str(store.checkpoint_path("repair", key))
+        repaired = defense.repair(repaired, TrainView.from_pairs(bundle.clean), ctx)
+        seconds = time.perf_counter() - start
+        meta = {"seconds": seconds, "steps": int(ctx.extras.get("steps", 0)), "history": ctx.extras.get("history", [])}
+        store.save_model("repair", key, repaired, meta)
+        return repaired, {"key": key, "cached": False, "seconds": seconds, "steps": meta["steps"]}
 
 
 def run_evaluation(rc: RunContext, model: ClipModel, bundle: DatasetBundle, attack: Attack, plan: PoisonPlan) -> dict[str, float]:
@@ -252,13 +241,6 @@ def run_evaluation(rc: RunContext, model: ClipModel, bundle: DatasetBundle, atta
 
 def evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle, attack: Attack,
                         plan: PoisonPlan) -> dict[str, float]:
-    # The lock makes a concurrent worker wait here and then reuse what this one built.
-    with rc.store.lock("base_eval", base_eval_key(rc.spec, plan.hash())):
-        return _evaluate_base_model(rc, base, bundle, attack, plan)
-
-
-def _evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle, attack: Attack,
-                        plan: PoisonPlan) -> dict[str, float]:
     """The clean base model under the same trigger: what the trigger does with no backdoor at all.
 
     Shared by every defense under one attack and seed, so it is cached next
@@ -266,12 +248,14 @@ def _evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle,
     """
     spec = rc.spec
     key = base_eval_key(spec, plan.hash())
-    cached = rc.store.load_json("base_eval", key, "metrics.json")
-    if cached is not None:
-        return cached
-    metrics = run_evaluation(rc, base, bundle, attack, plan)
-    rc.store.save_json("base_eval", key, "metrics.json", metrics)
-    return metrics
+    # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
+    with rc.store.lock("base_eval", key):
+        cached = rc.store.load_json("base_eval", key, "metrics.json")
+        if cached is not None:
+            return cached
+        metrics = run_evaluation(rc, base, bundle, attack, plan)
+        rc.store.save_json("base_eval", key, "metrics.json", metrics)
+        return metrics
 
 
 # -- the cell ------------------------------------------------------------------------------

@@ -35,19 +35,14 @@ from shieldbench.spec import ExperimentSpec
 
 def _slurm_cell(spec: ExperimentSpec, results_dir: str, force: bool, plugins: Sequence[str]) -> dict[str, Any]:
     """One job: import the plugins, run the cell, return its record."""
-    import time
-
     from rich.console import Console
 
-    from shieldbench.benchmark.runner import run_cell
+    from shieldbench.benchmark.workers import run_timed
     from shieldbench.registry import load_plugin
 
     for module in plugins:
         load_plugin(module)
-    start = time.perf_counter()
-    record = run_cell(spec, results_dir, console=Console(stderr=True), show_progress=False, force=force)
-    record["worker"] = {"seconds": time.perf_counter() - start}
-    return record
+    return run_timed(spec, results_dir, force, Console(stderr=True))
 
 
 def waves(cells: Sequence[ExperimentSpec]) -> list[list[int]]:
@@ -56,9 +51,11 @@ def waves(cells: Sequence[ExperimentSpec]) -> list[list[int]]:
     for i, spec in enumerate(cells):
         first_per_base.setdefault(base_key(spec), i)
     wave1 = sorted(first_per_base.values())
-    rest = [i for i in range(len(cells)) if i not in set(wave1)]
-    wave2 = [i for i in rest if not DEFENSES.get(cells[i].defense.name).repairs()]
-    wave3 = [i for i in rest if DEFENSES.get(cells[i].defense.name).repairs()]
+    first = set(wave1)
+    rest = [i for i in range(len(cells)) if i not in first]
+    repairs = {i: DEFENSES.get(cells[i].defense.name).repairs() for i in rest}
+    wave2 = [i for i in rest if not repairs[i]]
+    wave3 = [i for i in rest if repairs[i]]
     return [w for w in (wave1, wave2, wave3) if w]
 
 

@@ -18,12 +18,12 @@ from typing import Any, Sequence
 
 from shieldbench.attacks.base import PoisonPlan
 from shieldbench.benchmark.keys import base_eval_key, base_key, plan_key, repair_key, train_key
-from shieldbench.benchmark.runner import record_path, run_id_for
+from shieldbench.benchmark.runner import finished_record, has_base_stage, run_id_for
 from shieldbench.benchmark.store import ArtifactStore
 from shieldbench.data.datasets import build_dataset
-from shieldbench.fileio import read_json
+from shieldbench.errors import UserError
 from shieldbench.registry import DEFENSES
-from shieldbench.spec import ExperimentSpec, digest
+from shieldbench.spec import ExperimentSpec
 
 # In dependency order; "trains" marks the stages that run a training loop.
 STAGES = ("base", "plans", "base_eval", "train", "repair", "evaluate")
@@ -57,21 +57,11 @@ class GridPlan:
                 for k in STAGES]
 
 
-def _is_ok_record(path: Path) -> bool:
+def _finished(spec: ExperimentSpec, results_dir: Path) -> bool:
     try:
-        return path.is_file() and read_json(path).get("status") == "ok"
-    except Exception:  # an unreadable record is not a finished cell
+        return finished_record(spec, results_dir) is not None
+    except UserError:  # an unreadable record is not a finished cell
         return False
-
-
-def _has_base_stage(spec: ExperimentSpec, memo: dict[str, bool]) -> bool:
-    """Mirrors the runner: a base model is trained unless the weights are pretrained or there is no pretraining split."""
-    if spec.base.epochs == 0 or spec.model.pretrained:
-        return False
-    k = digest(spec.data)
-    if k not in memo:
-        memo[k] = build_dataset(spec.data, spec.eval).pretrain is not None
-    return memo[k]
 
 
 def plan_grid(cells: Sequence[ExperimentSpec], results_dir: str | Path, force: bool = False) -> GridPlan:
@@ -80,7 +70,6 @@ def plan_grid(cells: Sequence[ExperimentSpec], results_dir: str | Path, force: b
     store = ArtifactStore(results_dir / "cache")
     stages: dict[tuple[str, str], Stage] = {}
     finished: list[str] = []
-    memo: dict[str, bool] = {}
 
     def need(kind: str, key: str, cached: bool, cell: str) -> None:
         stage = stages.setdefault((kind, key), Stage(kind, key, cached))
@@ -88,10 +77,10 @@ def plan_grid(cells: Sequence[ExperimentSpec], results_dir: str | Path, force: b
 
     for spec in cells:
         run_id = run_id_for(spec)
-        if not force and _is_ok_record(record_path(results_dir, run_id)):
+        if not force and _finished(spec, results_dir):
             finished.append(run_id)
             continue
-        if _has_base_stage(spec, memo):
+        if has_base_stage(spec, build_dataset(spec.data, spec.eval)):  # memoised per data spec
             bkey = base_key(spec)
             need("base", bkey, store.has_model("base", bkey), run_id)
         pkey = plan_key(spec)

@@ -45,13 +45,20 @@ def _init_worker(slots: Any, gpus: int, threads: int, plugins: Sequence[str]) ->
         load_plugin(module)
 
 
-def _run_one(spec: ExperimentSpec, results_dir: str, force: bool) -> dict[str, Any]:
+def run_timed(spec: ExperimentSpec, results_dir: str, force: bool, console: Console) -> dict[str, Any]:
+    """One cell in a worker process or job, its wall time in ``record["worker"]`` (for the parent's ETA)."""
     from shieldbench.benchmark.runner import run_cell
 
     start = time.perf_counter()
+    record = run_cell(spec, results_dir, console=console, show_progress=False, force=force)
+    record["worker"] = {"pid": os.getpid(), "seconds": time.perf_counter() - start}
+    return record
+
+
+def _run_one(spec: ExperimentSpec, results_dir: str, force: bool) -> dict[str, Any]:
     # Workers show no bars (N bars on one terminal are unreadable); the parent prints a line per cell.
-    record = run_cell(spec, results_dir, console=Console(stderr=True, quiet=True), show_progress=False, force=force)
-    record["worker"] = {"slot": _SLOT.get("slot"), "pid": os.getpid(), "seconds": time.perf_counter() - start}
+    record = run_timed(spec, results_dir, force, Console(stderr=True, quiet=True))
+    record["worker"]["slot"] = _SLOT.get("slot")
     return record
 
 
@@ -104,4 +111,4 @@ def run_parallel(
     return [r for r in records if r is not None]
 
 
-__all__ = ["gpu_count", "run_parallel"]
+__all__ = ["gpu_count", "run_parallel", "run_timed"]
