@@ -3,8 +3,8 @@
 - :class:`EpochBatchSampler`: full batches from a seeded per-epoch
   permutation (``seed * 100003 + epoch``), starting at any batch of the epoch,
   so a run resumed mid-epoch replays exactly the batches it had not yet seen.
-  Under ``torch.distributed`` each rank takes a disjoint share of every
-  global batch.
+  Under ``torch.distributed`` each rank takes a contiguous share of every
+  global batch (rank r: rows ``r*B/W .. (r+1)*B/W``).
 - :class:`RowBatches`: a map-style dataset over anything with a ``fetch``
   method (a :class:`~shieldbench.data.views.TrainView` or an image array)
   whose ``__getitems__`` reads a whole batch at once; unreadable rows are
@@ -65,7 +65,10 @@ class EpochBatchSampler(Sampler[list[int]]):
         b = self.batch_size
         for k in range(self.start_batch, self.steps_per_epoch):
             batch = order[k * b : (k + 1) * b]
-            yield batch[self.rank :: self.world_size].tolist()
+            # Contiguous shares: the ranks' rows in rank order are the global batch in order,
+            # so per-position draws (augmentations) match one process's.
+            share = b // self.world_size
+            yield batch[self.rank * share : (self.rank + 1) * share].tolist()
 
 
 @dataclass

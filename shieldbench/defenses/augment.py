@@ -399,12 +399,23 @@ class ImageAugmenter:
         self.transform = transform
         self.uint8 = uint8
 
-    def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, seed: int, offset: int = 0, total: int | None = None) -> torch.Tensor:
+        """The views of ``images``, which are rows ``offset..`` of a batch whose views share ``seed``.
+
+        The rows before ``offset`` (another rank's share) are stood in for by
+        a 2x2 placeholder: the transform's random draws do not depend on the
+        image (true of AutoAugment), so the RNG reaches row ``offset`` in the
+        state one process would have there, at almost no cost.
+        """
         device = images.device
         x = images.detach().to("cpu")
         x = _to_uint8(x) if self.uint8 else x.float().clamp(0, 1)
         with torch.random.fork_rng(devices=[]), _single_thread():
             torch.manual_seed(seed)
+            if offset:
+                stand_in = x.new_zeros((x.shape[1], 2, 2))
+                for _ in range(offset):
+                    self.transform(stand_in)
             out = torch.stack([self.transform(img) for img in x])
         out = out.float().div_(255.0) if out.dtype == torch.uint8 else out.float().clamp_(0, 1)
         return out.to(device, non_blocking=True)
@@ -495,27 +506,39 @@ class SimCLRAugmenter:
                 boxes.append((0, 0, h, w))
         return boxes
 
-    def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, seed: int, offset: int = 0, total: int | None = None) -> torch.Tensor:
+        """The views of ``images``, rows ``offset..`` of a batch of ``total`` whose views share ``seed``.
+
+        Every per-image parameter is drawn for the whole batch and this share
+        is taken, so a rank's views equal one process's views of the same rows.
+        """
         device = images.device
         x = images.detach().to("cpu").float().clamp(0, 1)
+        total = x.shape[0] + offset if total is None else total
         with _single_thread():  # small elementwise ops: threads cost more than they save
-            x = self._augment(x, torch.Generator().manual_seed(int(seed)))
+            x = self._augment(x, torch.Generator().manual_seed(int(seed)), offset, total)
         return x.to(device, non_blocking=True)
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, g: torch.Generator, offset: int = 0, total: int | None = None) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        n, _, h, w = x.shape
-        boxes = self._crop_boxes(n, h, w, g)
+        n_local, _, h, w = x.shape
+        n = n_local if total is None else total
+        share = slice(offset, offset + n_local)
+
+        def draw(values: torch.Tensor) -> torch.Tensor:  # drawn for the whole batch, kept for this share
+            return values[share]
+
+        boxes = self._crop_boxes(n, h, w, g)[share]
         out_size = [self.size, self.size] if self.size else [h, w]
         x = torch.stack([TF.resized_crop(img, i, j, ch, cw, out_size, antialias=True)
                          for img, (i, j, ch, cw) in zip(x, boxes)]).clamp_(0, 1)
-        flip = torch.rand(n, generator=g) < self.flip_p
+        flip = draw(torch.rand(n, generator=g)) < self.flip_p
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        jit = torch.rand(n, generator=g) < self.jitter_p
-        factors = [torch.empty(n).uniform_(max(0.0, 1 - v), 1 + v, generator=g) for v in self.jitter[:3]]
-        hue = torch.empty(n).uniform_(-self.jitter[3], self.jitter[3], generator=g)
-        order = torch.rand(n, 4, generator=g).argsort(dim=1)
+        jit = draw(torch.rand(n, generator=g)) < self.jitter_p
+        factors = [draw(torch.empty(n).uniform_(max(0.0, 1 - v), 1 + v, generator=g)) for v in self.jitter[:3]]
+        hue = draw(torch.empty(n).uniform_(-self.jitter[3], self.jitter[3], generator=g))
+        order = draw(torch.rand(n, 4, generator=g)).argsort(dim=1)
         for pos in range(4):
             for op in range(4):
                 m = (jit & (order[:, pos] == op)).view(-1, 1, 1, 1)
@@ -533,12 +556,12 @@ class SimCLRAugmenter:
                 else:
                     y = _adjust_hue(x, hue)
                 x = torch.where(m, y.clamp(0, 1), x)
-        gray = (torch.rand(n, generator=g) < self.grayscale_p).view(-1, 1, 1, 1)
+        gray = (draw(torch.rand(n, generator=g)) < self.grayscale_p).view(-1, 1, 1, 1)
         x = torch.where(gray, _grayscale(x).expand_as(x), x)
         if not self.blur:
             return x
         k, (lo, hi) = blur_at(x.shape[-1])
-        sigma = torch.empty(n).uniform_(lo, hi, generator=g)
+        sigma = draw(torch.empty(n).uniform_(lo, hi, generator=g))
         return gaussian_blur(x, sigma, k).clamp_(0, 1)
 
 

@@ -39,6 +39,7 @@ from shieldbench.defenses.base import Defense, DefenseContext
 from shieldbench.models.clip import ClipModel
 from shieldbench.registry import register_defense
 from shieldbench.spec import derive_seed, param
+from shieldbench.training import distributed as D
 from shieldbench.training.contracts import Batch, LossOutput
 from shieldbench.training.losses import clip_loss
 from shieldbench.training.trainer import TrainConfig, Trainer
@@ -48,10 +49,13 @@ def inmodal_loss(x: torch.Tensor, x_aug: torch.Tensor, logit_scale: torch.Tensor
     """One-directional in-modal InfoNCE: CE over rows of ``s * norm(x) @ norm(x_aug).T``, target = diagonal.
 
     Each original is contrasted with its own augmented view against the other
-    samples' augmented views (CleanCLIP's ``L_SS`` for one modality).
+    samples' augmented views (CleanCLIP's ``L_SS`` for one modality). Under
+    ``torch.distributed`` the rows are this rank's originals and the columns
+    every rank's views (the global batch), as in :func:`clip_loss`.
     """
-    logits = logit_scale.exp() * F.normalize(x, dim=-1) @ F.normalize(x_aug, dim=-1).t()
-    labels = torch.arange(logits.shape[0], device=logits.device)
+    views = D.gather(F.normalize(x_aug, dim=-1), grad=True)
+    logits = logit_scale.exp() * F.normalize(x, dim=-1) @ views.t()
+    labels = torch.arange(logits.shape[0], device=logits.device) + D.rank() * logits.shape[0]
     return F.cross_entropy(logits, labels)
 
 
@@ -74,8 +78,12 @@ class CleanCLIPObjective:
     def __call__(self, model: ClipModel, batch: Batch) -> LossOutput:
         n = batch.images.shape[0]
         seed = derive_seed(self.seed, "cleanclip-aug", batch.epoch, batch.step)
-        aug_images = self.augment_images(batch.images, seed) if self.augment_images else batch.images
-        aug_caps = eda_batch(batch.captions, random.Random(seed), self.eda_alpha, True, self.synonyms)
+        # Views are drawn for the global batch and this rank keeps its share (see Batch).
+        total = len(batch.all_captions())
+        aug_images = (self.augment_images(batch.images, seed, batch.offset, total) if self.augment_images
+                      else batch.images)
+        aug_caps = eda_batch(batch.all_captions(), random.Random(seed), self.eda_alpha, True,
+                             self.synonyms)[batch.local]
         aug_tokens = tokenize_fresh(model, aug_caps, batch.tokens.device)
         img_all = model.encode_image(torch.cat([batch.images, aug_images]))
         txt_all = model.encode_text(torch.cat([batch.tokens, aug_tokens]))

@@ -41,6 +41,7 @@ from shieldbench.defenses.cleanclip import tokenize_fresh
 from shieldbench.models.clip import ClipModel
 from shieldbench.registry import register_defense
 from shieldbench.spec import derive_seed, param
+from shieldbench.training import distributed as D
 from shieldbench.training.contracts import Batch, Callback, LossOutput
 from shieldbench.training.losses import clip_loss
 
@@ -116,6 +117,10 @@ def encode_captions_batched(model: ClipModel, captions: Sequence[str], device: t
 class RoCLIPTraining(Callback):
     """RoCLIP's objective and pool maintenance in one object (it is both Objective and Callback)."""
 
+    # Matching epochs read the matched captions from the pool: no gradient reaches the text
+    # tower (unless text_grad_on_match), which DDP must be told.
+    leaves_parameters_unused = True
+
     def __init__(self, pool_size: int = 1024, match_every: int = 2, text_grad_on_match: bool = False,
                  image_aug: str = "simclr", crop_min_scale: float = 0.08, eda: bool = True, eda_alpha: float = 0.1,
                  synonyms: str = "table", seed: int = 0) -> None:
@@ -175,16 +180,20 @@ class RoCLIPTraining(Callback):
         if self.pool is None:
             raise RuntimeError("RoCLIP's pool is empty: on_train_start was not called")
         seed = derive_seed(self.seed, "roclip-aug", batch.epoch, batch.step)
-        images = self.augment_images(batch.images, seed) if self.augment_images else batch.images
-        captions, tokens = batch.captions, batch.tokens
+        # Views are drawn for the global batch and this rank keeps its share (see Batch); every rank
+        # enqueues the whole global batch, so the pools stay identical across ranks.
+        all_captions = batch.all_captions()
+        images = (self.augment_images(batch.images, seed, batch.offset, len(all_captions)) if self.augment_images
+                  else batch.images)
+        tokens = batch.tokens
         if self.eda:
-            captions = eda_batch(batch.captions, random.Random(seed), self.eda_alpha, True, self.synonyms)
-            tokens = tokenize_fresh(model, captions, batch.tokens.device)
+            all_captions = eda_batch(all_captions, random.Random(seed), self.eda_alpha, True, self.synonyms)
+            tokens = tokenize_fresh(model, all_captions[batch.local], batch.tokens.device)
         img = model.encode_image(images)
         if not self.is_matching_epoch(batch.epoch):
             txt = model.encode_text(tokens)
             loss = clip_loss(img, txt, model.logit_scale)
-            self._pending = (txt.detach(), list(captions))
+            self._pending = (D.gather(txt.detach()), list(all_captions))
             return LossOutput(loss, {"clip": float(loss.detach()), "matching": 0.0})
         slots = self.pool.nearest(img)  # before this batch's captions are enqueued
         if self.text_grad_on_match:
@@ -194,8 +203,9 @@ class RoCLIPTraining(Callback):
         loss = clip_loss(img, matched, model.logit_scale)
         with torch.no_grad():
             txt = model.encode_text(tokens)
-        self._pending = (txt, list(captions))
-        unique = float(torch.unique(slots).numel()) / slots.numel()
+        self._pending = (D.gather(txt), list(all_captions))
+        all_slots = D.gather(slots)
+        unique = float(torch.unique(all_slots).numel()) / all_slots.numel()
         return LossOutput(loss, {"match": float(loss.detach()), "matching": 1.0, "match_unique": unique})
 
 

@@ -23,6 +23,13 @@ class Batch:
 
     ``index`` are row numbers in the TrainView (so callbacks can keep per-row
     state); ``knowledge`` is present when a knowledge source was attached.
+
+    Under ``torch.distributed`` a Batch is this rank's share of the global
+    batch: ``global_index`` holds every rank's rows in rank order (equal
+    shares) and ``offset`` is where this rank's rows start in it. In one
+    process ``global_index`` is ``index`` and ``offset`` is 0. An objective
+    that draws random views per batch draws them for the global batch and
+    keeps its own share, so the views do not depend on the number of ranks.
     """
 
     images: torch.Tensor
@@ -32,6 +39,22 @@ class Batch:
     knowledge: list[tuple[str, ...]] | None = None
     epoch: int = 0
     step: int = 0
+    global_index: torch.Tensor | None = None
+    offset: int = 0
+    global_captions: list[str] | None = None
+
+    def all_captions(self) -> list[str]:
+        """Every rank's captions of this step, in rank order (``captions`` in one process)."""
+        return self.captions if self.global_captions is None else self.global_captions
+
+    def all_rows(self) -> torch.Tensor:
+        """Every rank's rows of this step, in rank order (``index`` in one process)."""
+        return self.index if self.global_index is None else self.global_index
+
+    @property
+    def local(self) -> slice:
+        """This rank's positions in :meth:`all_rows`."""
+        return slice(self.offset, self.offset + int(self.index.numel()))
 
 
 @dataclass
@@ -41,7 +64,12 @@ class LossOutput:
 
 
 class Objective(Protocol):
-    """The loss of one batch. ``model`` is in train mode; autocast is active."""
+    """The loss of one batch. ``model`` is in train mode; autocast is active.
+
+    Under DDP an objective whose steps may leave some parameters without a
+    gradient (a tower unused on some epochs) sets a class attribute
+    ``leaves_parameters_unused = True``; otherwise DDP stops with an error.
+    """
 
     def __call__(self, model: "ClipModel", batch: Batch) -> LossOutput: ...
 

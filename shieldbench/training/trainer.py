@@ -11,6 +11,15 @@ logit-scale clamp at 100, bf16 autocast on CUDA, a NaN guard, checkpoints at
 each epoch's end (and every ``checkpoint_every`` steps) with resume, a count
 of unreadable images (skipped, or the run fails, by policy), the time spent
 waiting for data, and a rich progress bar.
+
+Under ``torchrun`` (:mod:`shieldbench.training.distributed`) the same loop is
+data parallel: each rank reads its share of every global batch, the
+objective runs inside ``DistributedDataParallel`` (so gradients are averaged
+as they are produced), the losses gather features across ranks, the epoch
+logs are averaged over ranks, and only rank 0 draws the bar and writes the
+checkpoint. A step where the ranks read different numbers of images (an
+unreadable one skipped) trims every rank to the smallest share, so the
+shares stay equal; the trimmed rows are counted in ``n_trimmed_rows``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shieldbench.data.loader import EpochBatchSampler, RowBatch, default_workers, make_loader
 from shieldbench.data.views import TrainView
 from shieldbench.models.clip import ClipModel
+from shieldbench.training import distributed as D
 from shieldbench.training.checkpoint import atomic_torch_save, safe_load
 from shieldbench.training.contracts import Batch, Callback, LossOutput, Objective
 from shieldbench.training.losses import ClipObjective
@@ -40,6 +50,23 @@ class TrainingDiverged(RuntimeError):
 
 class DataError(RuntimeError):
     """An unreadable training image under ``on_error=fail``: the run stops with the file named."""
+
+
+class _ObjectiveStep(torch.nn.Module):
+    """The objective as a module's forward, so DistributedDataParallel can wrap it.
+
+    DDP prepares its gradient hooks in ``forward``; the objectives call the
+    model's ``encode_*`` methods rather than its forward, so the whole loss
+    computation is the forward here.
+    """
+
+    def __init__(self, model: ClipModel, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Batch) -> LossOutput:
+        return self.objective(self.model, batch)
 
 
 @dataclass
@@ -74,6 +101,9 @@ class TrainConfig:
 
 
 def pick_device() -> torch.device:
+    """This rank's device under torchrun; else CUDA when there is one."""
+    if D.is_distributed():
+        return D.local_device()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -97,6 +127,8 @@ class TrainResult:
     n_skipped_images: int = 0
     data_wait_s: float = 0.0
     """Time the loop spent waiting for the next batch (this process, this call)."""
+    world_size: int = 1
+    n_trimmed_rows: int = 0
 
 
 class Trainer:
@@ -126,11 +158,15 @@ class Trainer:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.device = device or pick_device()
         self.description = description
-        self.show_progress = show_progress
+        self.world_size, self.rank = D.world_size(), D.rank()
+        self.show_progress = show_progress and self.rank == 0
         n = len(data)
         # Contrastive losses need full batches: drop the ragged last one.
+        # ``batch_size`` is the global batch; each rank reads an equal share.
         self.batch_size = min(config.batch_size, n)
-        self.sampler = EpochBatchSampler(n, self.batch_size, config.seed)
+        if self.batch_size % self.world_size:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by {self.world_size} processes")
+        self.sampler = EpochBatchSampler(n, self.batch_size, config.seed, self.rank, self.world_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * config.epochs
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
@@ -140,6 +176,8 @@ class Trainer:
         self.state: dict[str, object] = {}  # scratch space for callbacks
         self._callback_states: list[dict | None] = []  # from a resumed checkpoint
         self.n_skipped_images = 0
+        self.n_trimmed_rows = 0
+        self._step_module: torch.nn.Module | None = None
         self._resume_batch = 0
         self._resume_sums: dict[str, float] = {}
         self.workers = config.workers if config.workers >= 0 else default_workers(data)
@@ -152,7 +190,7 @@ class Trainer:
         index = rows.index
         captions = self.data.captions_at(index)
         images = rows.images.to(self.device, non_blocking=True).float().div_(255.0)
-        return Batch(
+        batch = Batch(
             images=images,
             captions=captions,
             tokens=self.model.tokenize(captions).to(self.device, non_blocking=True),
@@ -161,12 +199,29 @@ class Trainer:
             epoch=epoch,
             step=self.step,
         )
+        if self.world_size > 1:
+            # Row numbers of the whole global batch (every rank has the full TrainView, so the
+            # captions follow from them): objectives draw their views for the global batch.
+            batch.global_index = D.gather(index.to(self.device)).cpu()
+            batch.offset = self.rank * int(index.numel())
+            batch.global_captions = self.data.captions_at(batch.global_index)
+        return batch
+
+    def _equal_share(self, rows: RowBatch) -> RowBatch:
+        """Under DDP, trim this rank's rows to the smallest share of any rank this step."""
+        if self.world_size == 1:
+            return rows
+        n = D.all_reduce_min(int(rows.index.numel()), self.device)
+        if rows.index.numel() > n:
+            self.n_trimmed_rows += int(rows.index.numel()) - n
+            rows = RowBatch(rows.images[:n], rows.index[:n], rows.failed, rows.errors)
+        return rows
 
     # -- checkpoints ------------------------------------------------------------
     def _save(self, epoch: int, next_batch: int = 0, sums: dict[str, float] | None = None) -> None:
         """Checkpoint; ``next_batch`` > 0 marks a mid-epoch one (resume at that batch of ``epoch``)."""
-        if self.checkpoint_path is None:
-            return
+        if self.checkpoint_path is None or self.rank != 0:
+            return  # one writer: the ranks' states are identical
         atomic_torch_save(
             {
                 "model": self.model.clip.state_dict(),
@@ -177,6 +232,8 @@ class Trainer:
                 "step": self.step,
                 "history": self.history,
                 "n_skipped_images": self.n_skipped_images,
+                "n_trimmed_rows": self.n_trimmed_rows,
+                "world_size": self.world_size,
                 "callbacks": [cb.state_dict() for cb in self.callbacks],
             },
             self.checkpoint_path,
@@ -192,6 +249,7 @@ class Trainer:
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         self.n_skipped_images = int(state.get("n_skipped_images", 0))
+        self.n_trimmed_rows = int(state.get("n_trimmed_rows", 0))
         self._callback_states = list(state.get("callbacks", []))
         next_batch = int(state.get("next_batch", 0))
         if next_batch > 0:
@@ -228,6 +286,14 @@ class Trainer:
         data_wait = 0.0
         # Made here, not in __init__, so its worker processes end with fit().
         loader = make_loader(self.data, self.sampler, workers=self.workers, pin_memory=self.device.type == "cuda")
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # An objective that leaves parameters without gradient on some steps (RoCLIP's matching
+            # epochs: no text tower) says so; the graph traversal that handles it costs time.
+            unused = bool(getattr(self.objective, "leaves_parameters_unused", False))
+            self._step_module = DistributedDataParallel(_ObjectiveStep(self.model, self.objective),
+                                                        find_unused_parameters=unused)
         with progress:
             task = progress.add_task(self.description, total=self.total_steps, completed=self.step, loss=float("nan"))
             for epoch in range(start_epoch, self.config.epochs):
@@ -248,6 +314,7 @@ class Trainer:
                         if self.config.on_error == "fail":
                             raise DataError(rows.errors[0])
                         self.n_skipped_images += len(rows.failed)
+                    rows = self._equal_share(rows)
                     if rows.index.numel() < 2:  # nothing to contrast: every row unreadable
                         continue
                     batch = self.make_batch(rows, epoch)
@@ -262,22 +329,28 @@ class Trainer:
                         self._save(epoch, next_batch=b + 1, sums=sums)
                 row = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                        "logit_scale": float(self.model.logit_scale.exp().detach())}
-                row.update({k: v / self.steps_per_epoch for k, v in sums.items()})
+                # The mean over ranks of each rank's mean: the global batch's mean (equal shares).
+                row.update({k: v / self.steps_per_epoch for k, v in D.all_reduce_mean(sums, self.device).items()})
                 self.history.append(row)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch)
                 self._save(epoch)
                 epochs_run += 1
         self.model.eval()
+        self._step_module = None
         return TrainResult(self.step, epochs_run, start_epoch, time.perf_counter() - start, self.history,
-                           n_skipped_images=self.n_skipped_images, data_wait_s=data_wait)
+                           n_skipped_images=self.n_skipped_images, data_wait_s=data_wait,
+                           world_size=self.world_size, n_trimmed_rows=self.n_trimmed_rows)
 
     def train_step(self, batch: Batch) -> LossOutput:
         self.set_lr()
         with autocast_for(self.device, self.config.precision):
-            out = self.objective(self.model, batch)
+            out = self._step_module(batch) if self._step_module is not None else self.objective(self.model, batch)
         loss = out.loss
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.world_size > 1:  # every rank stops together, or none does
+            finite = D.all_reduce_min(int(finite), self.device) == 1
+        if not finite:
             raise TrainingDiverged(f"loss became {float(loss.detach())} at step {self.step} (epoch {self.epoch})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,6 +17,7 @@ from shieldbench.defenses.semantic_shield import losses as L
 from shieldbench.errors import UserError
 from shieldbench.registry import register_defense
 from shieldbench.spec import param
+from shieldbench.training import distributed as D
 from shieldbench.training.contracts import Batch, Callback, LossOutput
 from shieldbench.training.losses import clip_loss, per_pair_clip_loss
 
@@ -139,25 +140,38 @@ class SemanticShieldObjective(Callback):
         else:  # fewer FLOPs (KEs are ~6 tokens, captions ~16): best on CPU
             txt, ke_emb = encode_texts(model, batch.tokens), encode_texts(model, ke_tokens)
 
-        s_all = L.alignment(out.patches, ke_emb)  # (B, M, U)
-        s_own = L.own_alignment(s_all, ke_index)  # (B, M, K)
+        # Under DDP the columns are the global batch's KE sets (module docs of losses.py):
+        # gather every rank's KE embeddings (with gradient) and index, shifted to the gathered rows.
+        all_ke_index, ke_identity = ke_index, ke_index
+        if D.is_distributed():
+            ids = D.gather(D.stable_ids(list(uniq)).to(device))
+            ke_emb_all = D.gather(ke_emb, grad=True)
+            all_ke_index = D.gather(ke_index + D.rank_offset(len(uniq), device))
+            ke_emb = ke_emb_all
+            ke_identity = ids[all_ke_index]  # equal across ranks for equal KE strings
+        s_all = L.alignment(out.patches, ke_emb)  # (B, M, U): this rank's patches x all KEs
+        s_own = L.own_alignment(s_all, all_ke_index[batch.local])  # (B, M, K)
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 
         logs["align"] = float(s_own.detach().amax(dim=2).mean())
         w = None
         if self.weight_clip or self.weight_ke:
-            raw = self.remember(batch.index, L.grounding(s_all, ke_index, p.weight_score))
-            w = L.pair_weights(raw, p.weight_temperature, p.weight_form, standardize=p.weight_score == "own")
+            # Memory and batch standardisation over the global batch: every rank computes the
+            # same global weights and keeps its share.
+            raw = D.gather(L.grounding(s_all, all_ke_index, p.weight_score, batch.offset))
+            raw = self.remember(batch.all_rows(), raw)
+            w_all = L.pair_weights(raw, p.weight_temperature, p.weight_form, standardize=p.weight_score == "own")
+            w = w_all[batch.local]
         if self.weight_clip:
             terms["clip"] = (w * per_pair_clip_loss(out.embedding.float(), txt.float(), model.logit_scale)).mean()
-            logs["w_min"], logs["w_max"] = float(w.min()), float(w.max())
+            logs["w_min"], logs["w_max"] = float(w_all.min()), float(w_all.max())
         else:
             terms["clip"] = clip_loss(out.embedding.float(), txt.float(), model.logit_scale)
         if self.use_ke and p.lambda_ke > 0:
-            z = L.mil_scores(s_all, ke_index)
-            ignore = L.shared_ke_mask(ke_index) if p.mask_shared else None
-            terms["ke"] = L.ke_loss(z, p.ke_scale, ignore, w if self.weight_ke else None)
+            z = L.mil_scores(s_all, all_ke_index)  # (B, B_global)
+            ignore = L.shared_ke_mask(ke_identity)[batch.local] if p.mask_shared else None
+            terms["ke"] = L.ke_loss(z, p.ke_scale, ignore, w if self.weight_ke else None, batch.offset)
         if want_attn:
             target = L.attention_target(s_own, p.tau)
             # Stop-gradient by default: the attention is pulled toward the

@@ -4,6 +4,12 @@ Notation: ``P`` patches (B, M, D) and ``E`` knowledge-element embeddings
 (U, D) in the joint space; ``ke_index`` (B, K) maps each caption's K KEs to
 rows of ``E`` (unique KE strings are encoded once per batch). Everything is
 computed in float32 on L2-normalised vectors.
+
+Under ``torch.distributed`` the rows (images, their patches) are this rank's
+share and the columns (captions' KE sets) are the global batch's: ``E`` and
+``ke_index`` are gathered from all ranks, and ``offset`` says where this
+rank's own pairs sit among the columns (0 in one process, where the
+functions reduce to the square (B, B) forms).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ def own_alignment(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
 
 
 def mil_scores(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
-    """z_{ij} = max over patches m of image i and KEs k of caption j of S: (B, B).
+    """z_{ij} = max over patches m of image i and KEs k of caption j of S: (B, B) (rows x ke_index rows).
 
     The diagonal holds each image's score against its own KE set (positives),
     the rest against the other captions' KE sets in the batch (negatives).
@@ -46,21 +52,23 @@ def shared_ke_mask(ke_index: torch.Tensor) -> torch.Tensor:
 
 
 def ke_loss(z: torch.Tensor, scale: float = 1.0, ignore: torch.Tensor | None = None,
-            weight: torch.Tensor | None = None) -> torch.Tensor:
+            weight: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """BCE-with-logits on the MIL scores, y = identity; per image row, then mean.
 
     ``ignore`` (B, B) drops entries (shared-KE negatives); ``weight`` (B,)
     multiplies each image's row loss (the per-pair weights, already detached).
     Positives and negatives are balanced within a row (the positive counts
     as much as the mean of the negatives), so the loss does not reduce to
-    "push every score down" as the batch grows.
+    "push every score down" as the batch grows. Row i's positive is column
+    ``offset + i``.
     """
-    b = z.shape[0]
-    y = torch.eye(b, device=z.device, dtype=z.dtype)
+    rows = torch.arange(z.shape[0], device=z.device)
+    y = torch.zeros_like(z)
+    y[rows, rows + offset] = 1.0
     bce = F.binary_cross_entropy_with_logits(z * scale, y, reduction="none")
     keep = torch.ones_like(bce, dtype=torch.bool) if ignore is None else ~ignore
     neg = keep & (y == 0)
-    pos_term = bce.diagonal()
+    pos_term = bce[rows, rows + offset]
     neg_term = (bce * neg).sum(dim=1) / neg.sum(dim=1).clamp_min(1)
     row = 0.5 * (pos_term + neg_term)
     if weight is not None:
@@ -101,7 +109,7 @@ def set_alignment(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
     return s_all[:, :, idx].view(s_all.shape[0], s_all.shape[1], b, k).amax(dim=3).mean(dim=1)
 
 
-def grounding(s_all: torch.Tensor, ke_index: torch.Tensor, score: str = "own") -> torch.Tensor:
+def grounding(s_all: torch.Tensor, ke_index: torch.Tensor, score: str = "own", offset: int = 0) -> torch.Tensor:
     """Per-pair grounding score (B,), under ``no_grad``.
 
     ``own`` (paper): A[i, i], the mean over patches of the best own-KE cosine.
@@ -114,7 +122,8 @@ def grounding(s_all: torch.Tensor, ke_index: torch.Tensor, score: str = "own") -
     """
     with torch.no_grad():
         a = set_alignment(s_all.detach().float(), ke_index)
-        own = a.diagonal()
+        rows = torch.arange(a.shape[0], device=a.device)
+        own = a[rows, rows + offset]
         if score == "own":
             return own
         if score == "contrast":
