@@ -85,9 +85,13 @@ def resolve(spec: ExperimentSpec) -> ExperimentSpec:
 
 def run(spec: ExperimentSpec, results_dir: str | Path = "results", console: Console | None = None,
         show_progress: bool = True, force: bool = False) -> dict[str, Any]:
-    """Run one cell, then rebuild the leaderboard from all records."""
+    """Run one cell, then rebuild the leaderboard from all records (rank 0 under torchrun)."""
+    from shieldbench.training import distributed as D
+
     record = run_cell(spec, results_dir, console=console, show_progress=show_progress, force=force)
-    leaderboard.rebuild(results_dir)
+    if D.is_main():
+        leaderboard.rebuild(results_dir)
+    D.barrier()  # every rank returns once the leaderboard is written
     return record
 
 

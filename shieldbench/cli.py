@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -134,10 +135,19 @@ def run(
       shieldbench run -c configs/semantic_shield_coco.toml --set data.path=/data/coco --dry-run
     """
     from shieldbench import api
+    from shieldbench.training import distributed as D
 
     api.load_plugins(plugin)
     spec = api.make_spec(attack=attack, defense=defense, model=model, dataset=dataset, preset=preset,
                          config=config, seed=seed, overrides=set_)
+    if D.env_world_size() > 1 and not dry_run:
+        # Under torchrun: one process per device; rank 0 prints and writes (see docs/scaling.md).
+        D.init_from_env()
+        if not D.is_main():
+            record = api.run(spec, results, console=err, show_progress=False, force=force)
+            raise typer.Exit(0 if record["status"] == "ok" else 1)
+    if dry_run and D.env_world_size() > 1 and os.environ.get("RANK", "0") != "0":
+        return  # one plan is printed, by rank 0
     if dry_run:
         report = api.dry_run(spec)
         if as_json:
@@ -211,7 +221,8 @@ def grid(
     executor: str = typer.Option("local", "--executor", help="local (this machine, --workers processes) | slurm "
                                  "(job arrays through submitit) | submitit-local (the slurm path run here, for testing)"),
     slurm_partition: str = typer.Option("", "--slurm-partition", help="Slurm partition (default: the cluster's)"),
-    slurm_gpus_per_job: int = typer.Option(1, "--slurm-gpus-per-job", help="GPUs per job (a cell uses one)"),
+    slurm_gpus_per_job: int = typer.Option(1, "--slurm-gpus-per-job", help="GPUs per job; above 1 a cell trains "
+                                           "data-parallel on them (one task per GPU)"),
     slurm_cpus_per_job: int = typer.Option(8, "--slurm-cpus-per-job", help="CPUs per job"),
     slurm_time: int = typer.Option(720, "--slurm-time", help="time limit per job, minutes"),
     slurm_parallelism: int = typer.Option(64, "--slurm-parallelism", help="most jobs of an array running at once"),
@@ -239,6 +250,7 @@ def grid(
       shieldbench grid --preset smoke --attacks none,badnets --defenses none
     """
     from shieldbench import api
+    from shieldbench.training import distributed as D
 
     if workers < 1:
         raise UserError(f"--workers {workers}: must be >= 1")
@@ -248,10 +260,15 @@ def grid(
                         ("--slurm-parallelism", slurm_parallelism)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be >= 1")
-    if slurm_gpus_per_job not in (0, 1):
-        # Refused rather than accepted and left idle: a run trains on one device until data-parallel runs exist.
-        raise UserError(f"--slurm-gpus-per-job {slurm_gpus_per_job}: a cell trains on one GPU (data-parallel runs "
-                        f"are not built yet); use 1 (or 0 for CPU jobs)")
+    if not 0 <= slurm_gpus_per_job <= 64:
+        raise UserError(f"--slurm-gpus-per-job {slurm_gpus_per_job}: must be 0 (CPU jobs) to 64; with more than one, "
+                        f"each cell trains data-parallel on the job's GPUs")
+    if slurm_gpus_per_job > 1 and executor == "local":
+        raise UserError("--slurm-gpus-per-job > 1 needs --executor slurm or submitit-local; locally, run one cell "
+                        "data-parallel with `torchrun --nproc_per_node=N -m shieldbench run ...`")
+    if D.env_world_size() > 1:
+        raise UserError("grid does not run under torchrun: use --workers N (one GPU per cell), --executor slurm "
+                        "--slurm-gpus-per-job N (each cell data-parallel), or torchrun with `shieldbench run`")
     api.load_plugins(plugin)
     try:
         seed_list = [int(s) for s in _names(seeds, "seeds")]

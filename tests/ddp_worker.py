@@ -33,7 +33,15 @@ CASES = {
     "roclip": ("roclip", {"pool_size": 24, "match_every": 2}),
     "roclip_text_grad": ("roclip", {"pool_size": 24, "match_every": 2, "text_grad_on_match": True}),
     "cleanclip": ("cleanclip", {}),
+    # `none`, killed after step 7 and resumed from the mid-epoch checkpoint of step 6.
+    "none_resumed": ("none", {}),
 }
+
+
+class Crash(Callback):
+    def on_step_end(self, trainer, batch, out) -> None:
+        if trainer.step == 7:
+            raise KeyboardInterrupt  # every rank stops at the same step, as under a kill of the job
 
 
 class StepLosses(Callback):
@@ -66,10 +74,21 @@ def main(out_dir: str, names: list[str]) -> None:
         else:
             data, objective, callbacks = defense.prepare_data(view, ctx), defense.objective(ctx), defense.callbacks(ctx)
         record = StepLosses()
-        result = Trainer(model, data, TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_steps=2), objective=objective,
-                         callbacks=[*callbacks, record], device=torch.device("cpu"), show_progress=False).fit()
+        config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_steps=2, checkpoint_every=3)
+        ckpt = os.path.join(out_dir, f"{case}.ckpt") if case == "none_resumed" else None
+        if ckpt:
+            try:
+                Trainer(model, data, config, objective=objective, callbacks=[*callbacks, Crash()], checkpoint_path=ckpt,
+                        device=torch.device("cpu"), show_progress=False).fit()
+            except KeyboardInterrupt:
+                pass
+            torch.manual_seed(123)  # the resumed run must not depend on the fresh model's init
+            model = build_model("micro-vit")
+        result = Trainer(model, data, config, objective=objective, callbacks=[*callbacks, record], checkpoint_path=ckpt,
+                         device=torch.device("cpu"), show_progress=False).fit()
         if D.is_main():
             torch.save({"losses": record.losses, "history": result.history, "world_size": result.world_size,
+                        "resumed_from_epoch": result.resumed_from_epoch, "steps": result.steps,
                         "params": {k: v.detach().clone() for k, v in model.clip.state_dict().items()}},
                        os.path.join(out_dir, f"{case}.pt"))
     D.shutdown()

@@ -24,7 +24,7 @@ from shieldbench.data.loader import EpochBatchSampler
 from shieldbench.training import distributed as D
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-CASES = ["none", "semantic_shield", "semantic_shield_memory", "roclip", "roclip_text_grad", "cleanclip"]
+CASES = ["none", "semantic_shield", "semantic_shield_memory", "roclip", "roclip_text_grad", "cleanclip", "none_resumed"]
 
 
 def _run(cmd: list[str], out: Path) -> None:
@@ -44,7 +44,19 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
+def test_a_killed_two_rank_run_resumes_mid_epoch_to_the_uninterrupted_weights(runs):
+    one, two = (torch.load(d / "none.pt") for d in runs)
+    resumed = torch.load(runs[1] / "none_resumed.pt")
+    # Killed after step 7; the checkpoint of step 6 (mid-epoch 1) replays steps 7-8 on both ranks.
+    assert resumed["world_size"] == 2 and resumed["steps"] == 8 and resumed["resumed_from_epoch"] == 1
+    assert len(resumed["losses"]) == 2
+    assert torch.allclose(torch.tensor(resumed["losses"]), torch.tensor(one["losses"][6:]), atol=1e-4)
+    for name, p in one["params"].items():
+        assert torch.allclose(p.float(), resumed["params"][name].float(), atol=2e-4), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c != "none_resumed"])
 def test_two_ranks_train_like_one_process(runs, case):
     one, two = (torch.load(d / f"{case}.pt") for d in runs)
     assert (one["world_size"], two["world_size"]) == (1, 2)
@@ -88,3 +100,40 @@ def test_views_of_a_share_equal_the_views_of_the_whole_batch():
         part = aug(images[4:], 7, 4, 6)
         assert torch.allclose(whole[4:], part, atol=1e-6), kind
         assert not torch.allclose(whole[:2], aug(images[:2], 8, 0, 6), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_run_writes_one_record_equal_to_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m shieldbench run`: rank 0 prints and writes; the numbers are one process's."""
+    import json
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    cell = ["run", "--preset", "smoke", "-a", "badnets", "-d", "semantic_shield", "--json", "-q"]
+    one = subprocess.run([sys.executable, "-m", "shieldbench", *cell, "-o", "one"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "shieldbench", *cell, "-o", "two"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: only rank 0 printed
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r2["artifacts"]["train"]["steps"] == r1["artifacts"]["train"]["steps"] > 0
+    for k, v in r1["metrics"].items():
+        assert r2["metrics"][k] == pytest.approx(v, abs=1e-6), k
+    assert [round(h["loss"], 4) for h in r1["train_history"]] == [round(h["loss"], 4) for h in r2["train_history"]]
+    assert len(list((tmp_path / "two" / "runs").glob("*/record.json"))) == 1
+    assert (tmp_path / "two" / "leaderboard.csv").is_file()
+    # Run again: the record is reused by every rank, nothing trains.
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "shieldbench", *cell, "-o", "two"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(again.stdout)["reused_record"] is True
+
+
+def test_grid_refuses_to_run_under_torchrun(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "shieldbench", "grid", "--preset", "smoke", "-o", "r"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "grid does not run under torchrun" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -103,13 +103,19 @@ def sequential_grid(tmp_path_factory) -> Path:
 @needs_cli
 @pytest.mark.slow
 def test_slurm_path_through_submitit_local_matches(tmp_path, sequential_grid):
-    proc = sb(*GRID, "-o", "res", "--executor", "submitit-local", cwd=tmp_path)
+    # Two tasks per job: each cell trains data-parallel on 2 gloo ranks (as on 2 GPUs of a node)
+    # and must give the sequential grid's leaderboard.
+    proc = sb(*GRID, "-o", "res", "--executor", "submitit-local", "--slurm-gpus-per-job", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "6 cells to run as Slurm job arrays" in proc.stderr
     pd.testing.assert_frame_equal(runs(sequential_grid), runs(tmp_path / "res"))
     assert max(builds(tmp_path / "res").values()) == 1
-    line = one_error_line(sb(*GRID, "-o", "res", "--executor", "slurm", "--slurm-gpus-per-job", "4", cwd=tmp_path))
-    assert "--slurm-gpus-per-job 4" in line
+    records = [json.loads(p.read_text()) for p in (tmp_path / "res" / "runs").glob("*/record.json")]
+    assert len(records) == 6 and {r["world_size"] for r in records} == {2}
+    line = one_error_line(sb(*GRID, "-o", "res", "--executor", "slurm", "--slurm-gpus-per-job", "99", cwd=tmp_path))
+    assert "--slurm-gpus-per-job 99" in line and "0 (CPU jobs) to 64" in line
+    line = one_error_line(sb(*GRID, "-o", "res", "--slurm-gpus-per-job", "2", cwd=tmp_path))
+    assert "torchrun --nproc_per_node=N" in line
     assert "choose one of local, slurm" in one_error_line(sb(*GRID, "--executor", "pbs", cwd=tmp_path))
 
 

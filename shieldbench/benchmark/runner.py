@@ -14,10 +14,18 @@ Every stage's output is an artifact keyed by the hash of exactly its inputs
 
 The runner alone sees the poison flags and the trigger. The defense gets a
 TrainView and a DefenseContext; the evaluator gets the trigger as a function.
+
+Under ``torchrun`` every rank runs the cell together: rank 0 alone takes
+the locks, decides whether an artifact is cached (and tells the others),
+writes artifacts, evaluates and writes the record; the ranks train each
+stage together (:mod:`shieldbench.training.distributed`). A cache that a
+stage fills (the poison plan, knowledge elements, a corpus manifest) is
+built by rank 0 first and then read by the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import resource
@@ -50,6 +58,7 @@ from shieldbench.models.clip import ClipModel
 from shieldbench.models.factory import build_model
 from shieldbench.registry import ATTACKS, DEFENSES
 from shieldbench.spec import ExperimentSpec, derive_seed
+from shieldbench.training import distributed as D
 from shieldbench.training.trainer import TrainConfig, Trainer, TrainingDiverged, pick_device
 
 
@@ -95,6 +104,18 @@ class RunContext:
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.results_dir / "cache")
 
+    def lock(self, kind: str, key: str) -> Any:
+        """The artifact's lock, held by rank 0 alone (the other ranks follow its decisions)."""
+        return self.store.lock(kind, key) if D.is_main() else contextlib.nullcontext()
+
+    def has_model(self, kind: str, key: str) -> bool:
+        """Whether the artifact is finished, as rank 0 sees it (so every rank takes the same branch)."""
+        return bool(D.broadcast_object(self.store.has_model(kind, key) if D.is_main() else None))
+
+    def save_model(self, kind: str, key: str, model: ClipModel, meta: dict[str, Any]) -> None:
+        if D.is_main():
+            self.store.save_model(kind, key, model, meta)
+
 
 # -- stages --------------------------------------------------------------------------------
 def new_model(spec: ExperimentSpec) -> ClipModel:
@@ -111,10 +132,10 @@ def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, 
     spec, store = rc.spec, rc.store
     key = base_key(spec)
     # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
-    with rc.store.lock("base", key):
+    with rc.lock("base", key):
         torch.manual_seed(derive_seed(spec.data.seed, "base-init"))
         model = new_model(spec)
-        if store.has_model("base", key):
+        if rc.has_model("base", key):
             meta = store.load_model_into("base", key, model)
             return model, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
         if not has_base_stage(spec, bundle):
@@ -128,8 +149,9 @@ def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, 
             description="clean base model", show_progress=rc.show_progress,
         )
         result = trainer.fit()
-        meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history}
-        store.save_model("base", key, model, meta)
+        meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history,
+                "world_size": result.world_size}
+        rc.save_model("base", key, model, meta)
         return model, {"key": key, "cached": False, "seconds": result.seconds, "steps": result.steps,
                        "resumed_from_epoch": result.resumed_from_epoch}
 
@@ -176,9 +198,9 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
     spec, store = rc.spec, rc.store
     key = train_key(spec, type(defense).trains())
     # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
-    with rc.store.lock("train", key):
+    with rc.lock("train", key):
         model = copy.deepcopy(base)
-        if store.has_model("train", key):
+        if rc.has_model("train", key):
             meta = store.load_model_into("train", key, model)
             return model, {"key": key, "reused": True, "reused_from": meta.get("run_id", ""), "seconds": 0.0,
                            "steps": meta.get("steps", 0), "history": meta.get("history", []),
@@ -186,7 +208,8 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
         trains = type(defense).trains()
         d = defense if trains else DEFENSES.get("none")(spec.defense.__class__(name="none"))
         ctx = defense_context(rc, "train")
-        data = d.prepare_data(view, ctx)
+        with D.rank_zero_first():  # a knowledge cache is filled once, by rank 0
+            data = d.prepare_data(view, ctx)
         trainer = Trainer(
             model, data, TrainConfig.from_spec(spec.train, derive_seed(spec.seed, "train"), spec.data.on_error, spec.runtime),
             objective=d.objective(ctx), callbacks=d.callbacks(ctx),
@@ -195,8 +218,9 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
         )
         result = trainer.fit()
         meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history, "run_id": run_id_for(spec),
-                "defense": d.spec.name, "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
-        store.save_model("train", key, model, meta)
+                "defense": d.spec.name, "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s,
+                "world_size": result.world_size, "n_trimmed_rows": result.n_trimmed_rows}
+        rc.save_model("train", key, model, meta)
         return model, {"key": key, "reused": False, "seconds": result.seconds, "steps": result.steps,
                        "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
                        "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
@@ -206,9 +230,9 @@ def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defen
     spec, store = rc.spec, rc.store
     key = repair_key(spec, trained_key)
     # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
-    with rc.store.lock("repair", key):
+    with rc.lock("repair", key):
         repaired = copy.deepcopy(model)
-        if store.has_model("repair", key):
+        if rc.has_model("repair", key):
             meta = store.load_model_into("repair", key, repaired)
             return repaired, {"key": key, "cached": True, "seconds": 0.0, "steps": meta.get("steps", 0)}
         start = time.perf_counter()
@@ -216,8 +240,9 @@ def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defen
         ctx.extras["checkpoint_path"] = str(store.checkpoint_path("repair", key))
         repaired = defense.repair(repaired, TrainView.from_pairs(bundle.clean), ctx)
         seconds = time.perf_counter() - start
-        meta = {"seconds": seconds, "steps": int(ctx.extras.get("steps", 0)), "history": ctx.extras.get("history", [])}
-        store.save_model("repair", key, repaired, meta)
+        meta = {"seconds": seconds, "steps": int(ctx.extras.get("steps", 0)), "history": ctx.extras.get("history", []),
+                "world_size": D.world_size()}
+        rc.save_model("repair", key, repaired, meta)
         return repaired, {"key": key, "cached": False, "seconds": seconds, "steps": meta["steps"]}
 
 
@@ -280,11 +305,15 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
     """Run (or reuse) one cell and write its record. Returns the record.
 
     Holds the cell's lock throughout, so a second worker or grid asking for
-    the same cell waits, then reuses the finished record.
+    the same cell waits, then reuses the finished record. Under ``torchrun``
+    every rank calls this; rank 0 holds the lock and writes the record, and
+    every rank returns rank 0's record.
     """
     results_dir = Path(results_dir)
-    with locked(results_dir / ".locks" / f"{run_id_for(spec)}.lock"):
-        return _run_cell(spec, results_dir, console, show_progress, force)
+    lock = locked(results_dir / ".locks" / f"{run_id_for(spec)}.lock") if D.is_main() else contextlib.nullcontext()
+    with lock:
+        record = _run_cell(spec, results_dir, console, show_progress, force)
+    return D.broadcast_object(record)
 
 
 def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, show_progress: bool,
@@ -293,7 +322,7 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
     run_id = run_id_for(spec)
     rpath = record_path(results_dir, run_id)
     if not force:
-        done = finished_record(spec, results_dir)
+        done = D.broadcast_object(finished_record(spec, results_dir) if D.is_main() else None)
         if done is not None:
             return done
     # Fail on bad names before any work.
@@ -307,14 +336,15 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         "dataset": spec.data.dataset, "preset": spec.preset, "seed": spec.seed,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(), "git_commit": git_commit(), "device": str(rc.device),
-        "threads": torch.get_num_threads(), "timings": {}, "artifacts": {}, "metrics": {},
+        "world_size": D.world_size(), "threads": torch.get_num_threads(), "timings": {}, "artifacts": {}, "metrics": {},
         "evaluated_checkpoint": "last epoch",
     }
     timings = record["timings"]
     t_all = time.perf_counter()
     try:
         t = time.perf_counter()
-        bundle = build_dataset(spec.data, spec.eval)
+        with D.rank_zero_first():  # a manifest or corpus cache is written once, by rank 0
+            bundle = build_dataset(spec.data, spec.eval)
         timings["data_s"] = time.perf_counter() - t
         record["data"] = dict(bundle.info)
         base, base_info = train_base_model(rc, bundle)
@@ -322,7 +352,8 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         record["artifacts"]["base"] = {k: v for k, v in base_info.items() if k != "history"}
         attack = make_attack(spec, bundle, base)
         t = time.perf_counter()
-        plan, plan_cached = plan_attack(rc, attack)
+        with D.rank_zero_first():  # rank 0 plans and saves; the others read the saved plan
+            plan, plan_cached = plan_attack(rc, attack)
         poisoned = attack.poison(plan)
         timings["plan_s"] = time.perf_counter() - t
         record["plan"] = {"hash": plan.hash(), "cached": plan_cached, "n_requested": plan.n_requested,
@@ -330,8 +361,10 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
                           "mix": plan.mix, "target": plan.target, "threat_model": plan.threat_model,
                           "notes": plan.notes}
         # Before training, which updates ``base`` in place.
+        # Evaluation runs on rank 0 alone; the others wait at the next stage's first collective.
         t = time.perf_counter()
-        record["metrics_base_model"] = evaluate_base_model(rc, base, bundle, attack, plan)
+        if D.is_main():
+            record["metrics_base_model"] = evaluate_base_model(rc, base, bundle, attack, plan)
         timings["eval_base_s"] = time.perf_counter() - t
         model, train_info = train_victim(rc, base, poisoned.view, defense)
         timings["train_s"] = train_info["seconds"]
@@ -340,19 +373,21 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         record["train_history"] = train_info.get("history", [])
         if defense_cls.repairs():
             t = time.perf_counter()
-            record["metrics_before_repair"] = run_evaluation(rc, model, bundle, attack, plan)
+            if D.is_main():
+                record["metrics_before_repair"] = run_evaluation(rc, model, bundle, attack, plan)
             timings["eval_before_repair_s"] = time.perf_counter() - t
             model, repair_info = repair_victim(rc, model, bundle, defense, train_info["key"])
             timings["repair_s"] = repair_info["seconds"]
             record["artifacts"]["repair"] = repair_info
         t = time.perf_counter()
-        record["metrics"] = run_evaluation(rc, model, bundle, attack, plan)
-        for key in ("asr", "poison_success"):
-            if key in record["metrics_base_model"]:
-                record["metrics"][f"{key}_base_model"] = record["metrics_base_model"][key]
+        if D.is_main():
+            record["metrics"] = run_evaluation(rc, model, bundle, attack, plan)
+            for key in ("asr", "poison_success"):
+                if key in record["metrics_base_model"]:
+                    record["metrics"][f"{key}_base_model"] = record["metrics_base_model"][key]
         timings["eval_s"] = time.perf_counter() - t
         record["status"] = "ok"
-    except TrainingDiverged as exc:
+    except TrainingDiverged as exc:  # every rank diverges together (the trainer agrees on it)
         record["status"], record["error"] = "diverged", str(exc)
     except UserError:
         raise
@@ -360,6 +395,20 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
+        if D.is_distributed():
+            # One rank's failure leaves the others inside a collective: write the record (rank 0)
+            # and exit, so torchrun stops the whole group instead of letting it hang.
+            if D.is_main():
+                _finish_record(record, timings, t_all, rpath)
+            raise
+    if not D.is_main():
+        return record  # rank 0's record is the one returned (run_cell broadcasts it)
+    _finish_record(record, timings, t_all, rpath)
+    return record
+
+
+def _finish_record(record: dict[str, Any], timings: dict[str, float], t_all: float, rpath: Path) -> None:
+    """Timings, memory and the finish time; write the record and its training log (rank 0)."""
     timings["total_s"] = time.perf_counter() - t_all
     timings["cost_train_s"] = timings.get("train_s", 0.0) + timings.get("repair_s", 0.0)
     record["peak_memory_mb"] = peak_memory_mb()
@@ -369,4 +418,3 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
     atomic_write_json(rpath, record)
     if record.get("train_history"):
         atomic_write_text(rpath.parent / "train_log.csv", pd.DataFrame(record["train_history"]).to_csv(index=False))
-    return record

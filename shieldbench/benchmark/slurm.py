@@ -14,8 +14,13 @@ grid on the same folder) builds nothing twice. The locks are ``flock`` locks
 on the results folder, which must be on a filesystem that every node shares
 (and, for the locks, one that supports them, e.g. NFSv4). Jobs run with the
 submitting process's Python (submitit's rule), so the environment must be on
-the shared filesystem too. A cell uses one device: more GPUs per job help
-only once runs train data-parallel, which is not built yet.
+the shared filesystem too.
+
+A job with ``gpus_per_job`` = G > 1 runs G tasks on one node, one GPU each,
+and the cell trains data-parallel over them exactly as under
+``torchrun --nproc_per_node=G`` (submitit's ``TorchDistributedEnvironment``
+sets the rank variables; rank 0 writes). The global batch stays
+``train.batch_size``: G GPUs make a step faster, not different.
 
 Kill the grid and run it again: finished cells are skipped by their records;
 cells whose jobs are still running are waited for through their locks.
@@ -34,15 +39,24 @@ from shieldbench.spec import ExperimentSpec
 
 
 def _slurm_cell(spec: ExperimentSpec, results_dir: str, force: bool, plugins: Sequence[str]) -> dict[str, Any]:
-    """One job: import the plugins, run the cell, return its record."""
+    """One job (each of its tasks): import the plugins, run the cell, return its record."""
+    import submitit
     from rich.console import Console
 
     from shieldbench.benchmark.workers import run_timed
     from shieldbench.registry import load_plugin
+    from shieldbench.training import distributed as D
 
     for module in plugins:
         load_plugin(module)
-    return run_timed(spec, results_dir, force, Console(stderr=True))
+    if submitit.JobEnvironment().num_tasks > 1:
+        # Every GPU of the node stays visible; a rank takes cuda:LOCAL_RANK (distributed.local_device).
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        D.init_from_env()
+    try:
+        return run_timed(spec, results_dir, force, Console(stderr=True))
+    finally:
+        D.shutdown()
 
 
 def waves(cells: Sequence[ExperimentSpec]) -> list[list[int]]:
@@ -77,8 +91,10 @@ def run_slurm(
 
     results_dir = Path(results_dir)
     executor = submitit.AutoExecutor(folder=str(results_dir / "slurm" / "%j"), cluster=cluster)
+    # One task per GPU (one task on a CPU-only job); the job's CPUs are shared among its tasks.
+    tasks = max(1, gpus_per_job)
     params: dict[str, Any] = {"name": "shieldbench", "timeout_min": time_min, "gpus_per_node": gpus_per_job,
-                              "cpus_per_task": cpus_per_job, "tasks_per_node": 1, "nodes": 1,
+                              "cpus_per_task": max(1, cpus_per_job // tasks), "tasks_per_node": tasks, "nodes": 1,
                               "slurm_array_parallelism": parallelism}
     if partition:
         params["slurm_partition"] = partition
@@ -93,7 +109,7 @@ def run_slurm(
             # Polling the scheduler costs it a query: every 15 s there, every second for local subprocesses.
             for job in submitit.helpers.as_completed(jobs, poll_frequency=1 if cluster == "local" else 15):
                 i = index[job.job_id]
-                records[i] = job.result()  # a failed job raises here, with its traceback
+                records[i] = job.results()[0]  # rank 0's record; a failed job raises here, with its traceback
                 on_done(i, cells[i], records[i])
         except BaseException:
             for job in jobs:

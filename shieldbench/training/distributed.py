@@ -76,7 +76,7 @@ def init_from_env(timeout_min: float | None = None) -> torch.device | None:
     timeout = timeout_min or float(os.environ.get("SHIELDBENCH_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device())
     dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                             timeout=datetime.timedelta(minutes=timeout))
     return local_device()
@@ -84,7 +84,8 @@ def init_from_env(timeout_min: float | None = None) -> torch.device | None:
 
 def local_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # Modulo the visible count: a scheduler that binds one GPU per task leaves only cuda:0 visible.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
