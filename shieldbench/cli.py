@@ -144,7 +144,10 @@ def run(
         # Under torchrun: one process per device; rank 0 prints and writes (see docs/scaling.md).
         D.init_from_env()
         if not D.is_main():
-            record = api.run(spec, results, console=err, show_progress=False, force=force)
+            try:
+                record = api.run(spec, results, console=err, show_progress=False, force=force)
+            finally:
+                D.shutdown()
             raise typer.Exit(0 if record["status"] == "ok" else 1)
     if dry_run and D.env_world_size() > 1 and os.environ.get("RANK", "0") != "0":
         return  # one plan is printed, by rank 0
@@ -155,7 +158,10 @@ def run(
         else:
             print_dry_run(spec, report)
         return
-    record = api.run(spec, results, console=err, show_progress=not quiet, force=force)
+    try:
+        record = api.run(spec, results, console=err, show_progress=not quiet, force=force)
+    finally:
+        D.shutdown()  # a no-op in one process
     if as_json:
         out.print_json(json.dumps(record, default=str))
     else:

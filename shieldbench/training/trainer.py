@@ -289,6 +289,8 @@ class Trainer:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            self._sync_batchnorm()
+
             # An objective that leaves parameters without gradient on some steps (RoCLIP's matching
             # epochs: no text tower) says so; the graph traversal that handles it costs time.
             unused = bool(getattr(self.objective, "leaves_parameters_unused", False))
@@ -341,6 +343,24 @@ class Trainer:
         return TrainResult(self.step, epochs_run, start_epoch, time.perf_counter() - start, self.history,
                            n_skipped_images=self.n_skipped_images, data_wait_s=data_wait,
                            world_size=self.world_size, n_trimmed_rows=self.n_trimmed_rows)
+
+    def _sync_batchnorm(self) -> None:
+        """BatchNorm layers (open_clip's ResNets) normalise over the global batch under DDP.
+
+        ``SyncBatchNorm`` reuses the layers' parameters and buffers (the
+        optimizer keeps them) and, in eval mode, is plain BatchNorm. It needs
+        CUDA: on CPU (gloo) each rank normalises over its own share, so a
+        ResNet's step is not one process's step there (a warning says so).
+        """
+        if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            return
+        if self.device.type != "cuda":
+            import warnings
+
+            warnings.warn("BatchNorm under DDP on CPU: each rank normalises over its own share of the batch "
+                          "(SyncBatchNorm needs CUDA)", stacklevel=2)
+            return
+        self.model.clip = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.clip)
 
     def train_step(self, batch: Batch) -> LossOutput:
         self.set_lr()
