@@ -348,3 +348,33 @@ def test_resnet_tower_works(model_and_batch):
     out = _objective()(model, batch)
     out.loss.backward()
     assert torch.isfinite(out.loss) and {"clip", "ke", "attn"} <= set(out.logs)
+
+
+@pytest.mark.parametrize("ke_text", ["detached", "frozen"])
+def test_ke_text_detached_or_frozen_keeps_the_ke_loss_off_the_text_tower(model_and_batch, ke_text):
+    model, batch = model_and_batch
+    live, _ = _objective(variant="ke").terms(model, batch)
+    obj = _objective(variant="ke", ke_text=ke_text)
+    if ke_text == "frozen":
+        trainer = type("T", (), {"data": type("D", (), {"knowledge": batch.knowledge})(), "model": model,
+                                 "device": torch.device("cpu")})()
+        obj.on_train_start(trainer)
+        assert len(obj.frozen_rows) == len({ke for kes in batch.knowledge for ke in kes})
+    terms, _ = obj.terms(model, batch)
+    # Same model, same phrases: the same loss value; only the gradient's path differs.
+    assert float(terms["ke"].detach()) == pytest.approx(float(live["ke"].detach()), rel=1e-5)
+    model.zero_grad(set_to_none=True)
+    terms["ke"].backward()
+    vis, txt = _grad_norms(model)
+    assert vis > 0 and txt == 0, (vis, txt)
+    if ke_text == "frozen":
+        # The table is the start's: a changed text tower does not move it, and it survives a resume.
+        phrases, cpu = sorted(obj.frozen_rows), torch.device("cpu")
+        before = obj.ke_embeddings(model, phrases, cpu)
+        with torch.no_grad():
+            model.clip.token_embedding.weight.add_(torch.randn_like(model.clip.token_embedding.weight))
+        assert torch.equal(obj.ke_embeddings(model, phrases, cpu), before)
+        assert not torch.allclose(_objective(ke_text="detached").ke_embeddings(model, phrases, cpu), before, atol=1e-3)
+        restored = _objective(variant="ke", ke_text="frozen")
+        restored.load_state_dict(obj.state_dict())
+        assert torch.equal(restored.frozen_table, obj.frozen_table) and restored.frozen_rows == obj.frozen_rows

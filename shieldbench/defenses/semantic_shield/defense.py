@@ -82,6 +82,36 @@ class SemanticShieldObjective(Callback):
         self.weight_clip, self.use_ke, self.weight_ke, self.use_attn = VARIANT_TERMS[params.variant]
         # Per-row grounding memory (row numbers of the TrainView), NaN = not seen yet.
         self.memory = torch.empty(0)
+        # ke_text=frozen: every KE phrase of the training data, encoded once by the text tower as
+        # it was when training started (phrase -> row of the table).
+        self.frozen_rows: dict[str, int] = {}
+        self.frozen_table = torch.empty(0)
+
+    def on_train_start(self, trainer) -> None:
+        if self.p.ke_text != "frozen" or trainer.data.knowledge is None:
+            return
+        phrases = sorted({ke for kes in trainer.data.knowledge for ke in kes})
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            parts = [encode_texts(model, model.tokenize(phrases[i:i + 1024]).to(trainer.device)).float().cpu()
+                     for i in range(0, len(phrases), 1024)]
+        model.train(was_training)
+        self.frozen_rows = {ke: i for i, ke in enumerate(phrases)}
+        self.frozen_table = torch.cat(parts) if parts else torch.empty(0)
+
+    def ke_embeddings(self, model, phrases: list[str], device: torch.device) -> torch.Tensor:
+        """KE embeddings for ``ke_text`` = detached (current text tower, no gradient) or frozen."""
+        if self.p.ke_text == "detached":
+            with torch.no_grad():
+                return encode_texts(model, model.tokenize(phrases).to(device)).detach()
+        missing = [ke for ke in phrases if ke not in self.frozen_rows]
+        if missing:
+            raise RuntimeError(f"semantic_shield: KE {missing[0]!r} is not in the training data's knowledge "
+                               f"(ke_text=frozen encodes those at the start)")
+        rows = torch.tensor([self.frozen_rows[ke] for ke in phrases], dtype=torch.long)
+        return self.frozen_table[rows].to(device)
 
     def remember(self, index: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """The score to weight with under ``weight_memory`` (``first`` / ``min``), updating the memory.
@@ -114,10 +144,21 @@ class SemanticShieldObjective(Callback):
         return kept.to(score.device)
 
     def state_dict(self) -> dict | None:
-        return {"memory": self.memory.clone()} if self.p.weight_memory != "none" else None
+        state: dict = {}
+        if self.p.weight_memory != "none":
+            state["memory"] = self.memory.clone()
+        if self.p.ke_text == "frozen":
+            # The frozen phrases must survive a resume: the model at resume time is no longer the start's.
+            phrases = sorted(self.frozen_rows, key=self.frozen_rows.__getitem__)
+            state["frozen_phrases"], state["frozen_table"] = phrases, self.frozen_table.clone()
+        return state or None
 
     def load_state_dict(self, state: dict) -> None:
-        self.memory = state["memory"].float().clone()
+        if "memory" in state:
+            self.memory = state["memory"].float().clone()
+        if "frozen_table" in state:
+            self.frozen_rows = {ke: i for i, ke in enumerate(state["frozen_phrases"])}
+            self.frozen_table = state["frozen_table"].float().clone()
 
     def terms(self, model, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Each loss term (unweighted by its lambda) and the logs of one batch."""
@@ -134,7 +175,9 @@ class SemanticShieldObjective(Callback):
         ke_index = torch.tensor(rows, dtype=torch.long, device=device)
         ke_tokens = model.tokenize(list(uniq)).to(device)
         joint = p.text_pass == "joint" or (p.text_pass == "auto" and device.type == "cuda")
-        if joint:  # one launch: best on GPU
+        if p.ke_text != "live":  # the KE loss trains no text tower
+            txt, ke_emb = encode_texts(model, batch.tokens), self.ke_embeddings(model, list(uniq), device)
+        elif joint:  # one launch: best on GPU
             text = encode_texts(model, torch.cat([batch.tokens, ke_tokens], dim=0))
             txt, ke_emb = text[:b], text[b:]
         else:  # fewer FLOPs (KEs are ~6 tokens, captions ~16): best on CPU
@@ -230,6 +273,10 @@ class SemanticShield(Defense):
                                "(synthetic, llm, file, lexicon)")
         knowledge_model: str = param("", "llm source: hub id or local folder")
         knowledge_path: str = param("", "file source: JSONL path")
+        ke_text: str = param("live", "text tower that encodes the KE phrases: live (the model's, trained by the KE "
+                             "loss), detached (the model's, no gradient: the KE loss trains the image tower only) "
+                             "or frozen (the text tower at the start of training, encoded once)",
+                             choices=("live", "detached", "frozen"))
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
