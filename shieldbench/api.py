@@ -3,25 +3,27 @@
     from shieldbench import api
     spec = api.make_spec(attack="badnets", defense="none", preset="smoke")
     record = api.run(spec)
+
+Heavy modules (torch, open_clip, pandas) are imported inside the functions
+that need them, so listing plugins and the one-line errors for unknown names
+and presets answer without them.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import pandas as pd
-from rich.console import Console
-
-from shieldbench.benchmark import leaderboard
-from shieldbench.benchmark.runner import run_cell
 from shieldbench.errors import UserError
 from shieldbench.fileio import read_json
 from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KINDS, MODELS, load_plugin
-from shieldbench.data.datasets import check_options
 from shieldbench.spec import (DEFAULT_POISON_RATE, PRESET_PLUGIN_DEFAULTS, ExperimentSpec, build_spec, describe_params, load_toml,
                               merge_tree, parse_overrides, validate_options)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from rich.console import Console
 
 
 def load_plugins(modules: Iterable[str]) -> None:
@@ -46,6 +48,11 @@ def make_spec(attack: str | None = None, defense: str | None = None, model: str 
         if value is not None:
             merge_tree(tree, key, value)
     spec = build_spec(preset, config, tree)
+    for reg, name in ((ATTACKS, spec.attack.name), (DEFENSES, spec.defense.name), (DATASETS, spec.data.dataset)):
+        if name not in reg:  # before any plugin is imported: an unknown name is answered at once
+            raise UserError(reg.unknown_message(name))
+    from shieldbench.data.datasets import check_options
+
     check_options(spec.data.dataset, user_set_keys(load_toml(config) if config else {}, tree))
     return resolve(spec) if resolved else spec
 
@@ -63,13 +70,14 @@ def user_set_keys(*trees: dict[str, Any]) -> dict[str, set[str]]:
 
 def resolve(spec: ExperimentSpec) -> ExperimentSpec:
     """Check every plugin name and fill in the plugins' default parameters."""
-    import open_clip
-
     attack_cls = ATTACKS.get(spec.attack.name)
     defense_cls = DEFENSES.get(spec.defense.name)
     DATASETS.get(spec.data.dataset)
-    if spec.model.name not in MODELS and spec.model.name not in open_clip.list_models():
-        raise UserError(MODELS.unknown_message(spec.model.name) + ", or any open_clip architecture")
+    if spec.model.name not in MODELS:
+        import open_clip  # only for a name that is not one of ours
+
+        if spec.model.name not in open_clip.list_models():
+            raise UserError(MODELS.unknown_message(spec.model.name) + ", or any open_clip architecture")
     preset = PRESET_PLUGIN_DEFAULTS.get(spec.preset, {})
     attack_defaults = dict(preset.get("attack", {}).get(spec.attack.name, {}))
     rate = attack_defaults.pop("poison_rate", DEFAULT_POISON_RATE)
@@ -86,6 +94,8 @@ def resolve(spec: ExperimentSpec) -> ExperimentSpec:
 def run(spec: ExperimentSpec, results_dir: str | Path = "results", console: Console | None = None,
         show_progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Run one cell, then rebuild the leaderboard from all records (rank 0 under torchrun)."""
+    from shieldbench.benchmark import leaderboard
+    from shieldbench.benchmark.runner import run_cell
     from shieldbench.training import distributed as D
 
     record = run_cell(spec, results_dir, console=console, show_progress=show_progress, force=force)
@@ -108,7 +118,8 @@ def grid_names(kind: str, names: list[str]) -> list[str]:
     if names == ["all"]:
         return list(reg.names())
     for n in names:
-        reg.get(n)  # one line naming the registered names if unknown
+        if n not in reg:  # one line naming the registered names (nothing imported)
+            raise UserError(reg.unknown_message(n))
     return names
 
 
@@ -152,11 +163,15 @@ def write_report(results_dir: str | Path = "results") -> Path:
     return _write(results_dir)
 
 
-def rebuild_leaderboard(results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.DataFrame]:
+def rebuild_leaderboard(results_dir: str | Path = "results") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    from shieldbench.benchmark import leaderboard
+
     return leaderboard.rebuild(results_dir)
 
 
-def read_leaderboard(results_dir: str | Path = "results") -> pd.DataFrame:
+def read_leaderboard(results_dir: str | Path = "results") -> "pd.DataFrame":
+    import pandas as pd
+
     path = Path(results_dir) / "leaderboard.csv"
     if not path.is_file():
         raise UserError(f"no leaderboard at {path}; run `shieldbench run` first")
@@ -170,22 +185,36 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def list_plugins(kind: str, verbose: bool = False) -> list[dict[str, Any]]:
+def _rounded(value: Any) -> Any:
+    """A default as a person reads it: 0.0784313725 -> 0.0784."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def list_plugins(kind: str, verbose: bool = False, preset: str = "small") -> list[dict[str, Any]]:
+    """The registered plugins of ``kind``; ``verbose``: their parameters with ``preset``'s effective defaults."""
+    from shieldbench.spec import PRESETS
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if kind not in KINDS:
         raise UserError(f"unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
     reg = KINDS[kind]
     rows = []
     for name in reg.names():
+        # Without --verbose nothing is imported: built-ins declare what is listed (builtins.py).
+        row: dict[str, Any] = {"name": name, **reg.metadata(name, load=verbose)}
+        if not verbose:
+            rows.append(row)
+            continue
         obj = reg.get(name)
-        row: dict[str, Any] = {"name": name}
-        describe = getattr(obj, "describe", None)
-        row["description"] = describe() if callable(describe) else ((obj.__doc__ or "").strip().splitlines() or [""])[0]
-        if hasattr(obj, "threat_model"):
-            row["threat_model"] = obj.threat_model
-        if hasattr(obj, "paper"):
-            row["paper"] = obj.paper
-        if verbose and hasattr(obj, "Params"):
-            row["params"] = describe_params(obj.Params)
+        if hasattr(obj, "Params"):
+            section = {"attacks": "attack", "defenses": "defense"}.get(kind, "")
+            overrides = PRESET_PLUGIN_DEFAULTS.get(preset, {}).get(section, {}).get(name, {})
+            row["params"] = []
+            for p in describe_params(obj.Params):
+                p["preset"] = p["name"] in overrides  # the preset departs from the plugin's own default
+                p["default"] = _rounded(overrides.get(p["name"], p["default"]))
+                row["params"].append(p)
         if verbose and isinstance(getattr(obj, "uses", None), dict):  # a dataset: the options it reads
             row["options"] = [f"{sec}.{k}" for sec in ("data", "eval") for k in sorted(obj.uses[sec]) if k != "dataset"]
         rows.append(row)

@@ -135,11 +135,12 @@ def run(
       shieldbench run -c configs/semantic_shield_coco.toml --set data.path=/data/coco --dry-run
     """
     from shieldbench import api
-    from shieldbench.training import distributed as D
 
     api.load_plugins(plugin)
     spec = api.make_spec(attack=attack, defense=defense, model=model, dataset=dataset, preset=preset,
                          config=config, seed=seed, overrides=set_)
+    from shieldbench.training import distributed as D  # imports torch: after the spec's one-line errors
+
     if D.env_world_size() > 1 and not dry_run:
         # Under torchrun: one process per device; rank 0 prints and writes (see docs/scaling.md).
         D.init_from_env()
@@ -256,7 +257,6 @@ def grid(
       shieldbench grid --preset smoke --attacks none,badnets --defenses none
     """
     from shieldbench import api
-    from shieldbench.training import distributed as D
 
     if workers < 1:
         raise UserError(f"--workers {workers}: must be >= 1")
@@ -272,7 +272,7 @@ def grid(
     if slurm_gpus_per_job > 1 and executor == "local":
         raise UserError("--slurm-gpus-per-job > 1 needs --executor slurm or submitit-local; locally, run one cell "
                         "data-parallel with `torchrun --nproc_per_node=N -m shieldbench run ...`")
-    if D.env_world_size() > 1:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
         raise UserError("grid does not run under torchrun: use --workers N (one GPU per cell), --executor slurm "
                         "--slurm-gpus-per-job N (each cell data-parallel), or torchrun with `shieldbench run`")
     api.load_plugins(plugin)
@@ -281,8 +281,9 @@ def grid(
     except ValueError:
         raise UserError(f"--seeds {seeds!r}: expected comma-separated integers") from None
     # Unresolved: each cell fills in its own attack's and defense's defaults.
-    base = api.make_spec(model=model, dataset=dataset, preset=preset, config=config, overrides=set_, resolved=False)
+    # Names first: an unknown one is answered before anything heavy is imported.
     attack_names, defense_names = api.grid_names("attacks", _names(attacks, "attacks")), api.grid_names("defenses", _names(defenses, "defenses"))
+    base = api.make_spec(model=model, dataset=dataset, preset=preset, config=config, overrides=set_, resolved=False)
     if dry_run:
         print_grid_plan(api.plan_grid(base, attack_names, defense_names, seed_list, results, force=force), workers)
         return
@@ -331,6 +332,7 @@ def report(
 def list_cmd(
     kind: str = typer.Argument("attacks", help="attacks | defenses | models | datasets | knowledge"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show parameters with defaults and meaning"),
+    preset: str = typer.Option("small", "--preset", "-p", help="smoke | small: whose effective defaults -v shows"),
     plugin: list[str] = typer.Option([], "--plugin", help="import a module that registers plugins"),
 ) -> None:
     """List registered plugins of one kind.
@@ -344,7 +346,7 @@ def list_cmd(
     from shieldbench import api
 
     api.load_plugins(plugin)
-    rows = api.list_plugins(kind, verbose)
+    rows = api.list_plugins(kind, verbose, preset)
     t = Table(title=kind)
     t.add_column("name", style="bold")
     for col in ("threat_model", "paper"):
@@ -364,11 +366,12 @@ def list_cmd(
             if r.get("options"):
                 out.print(f"[bold]{r['name']}[/bold] reads: {', '.join(r['options'])}")
             if r.get("params"):
-                pt = Table(title=f"{r['name']} parameters (--set {'attack' if kind == 'attacks' else 'defense'}.NAME=VALUE)")
+                pt = Table(title=f"{r['name']} parameters (--set {'attack' if kind == 'attacks' else 'defense'}.NAME=VALUE); "
+                                 f"defaults of the {preset} preset, * = the preset's own")
                 for c in ("name", "default", "allowed", "help"):
                     pt.add_column(c)
                 for p in r["params"]:
-                    pt.add_row(p["name"], repr(p["default"]), p["allowed"], p["help"])
+                    pt.add_row(p["name"], repr(p["default"]) + (" *" if p.get("preset") else ""), p["allowed"], p["help"])
                 out.print(pt)
     if kind == "models":
         out.print("Any open_clip architecture name also works (e.g. ViT-B-32, RN50), with --set model.pretrained=TAG|FILE.")

@@ -41,6 +41,7 @@ class Registry(Generic[T]):
         # of a lazy or entry-point entry), so a wrong class fails with one line, not a later AttributeError.
         self.base = base
         self._entries: dict[str, T | str] = {}
+        self._metadata: dict[str, dict[str, str]] = {}
         self._entry_points_loaded = False
 
     def _check(self, name: str, obj: object) -> None:
@@ -73,6 +74,32 @@ class Registry(Generic[T]):
             if not (isinstance(existing, str) and not isinstance(obj, str)):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
+
+    def set_metadata(self, name: str, meta: dict[str, str]) -> None:
+        """What listing shows for a lazy entry (description, paper, threat model) without importing it."""
+        self._metadata[name] = dict(meta)
+
+    def metadata(self, name: str, load: bool = False) -> dict[str, str]:
+        """Description (and paper, threat model) of ``name``.
+
+        From the declared metadata of a lazy entry, else from the object
+        itself when it is already imported or ``load`` is set; otherwise only
+        where it comes from (an entry point that has not been imported yet).
+        """
+        self._load_entry_points()
+        if name not in self._entries:
+            raise UserError(self.unknown_message(name))
+        obj = self._entries[name]
+        if isinstance(obj, str) and not load:
+            return dict(self._metadata.get(name) or {"description": f"(plugin {obj}; `list -v` imports it)"})
+        obj = self.get(name)
+        describe = getattr(obj, "describe", None)
+        doc = ((obj.__doc__ or "").strip().splitlines() or [""])[0]
+        meta = {"description": describe() if callable(describe) else doc}
+        for attr in ("threat_model", "paper"):
+            if hasattr(obj, attr):
+                meta[attr] = getattr(obj, attr)
+        return meta
 
     # -- lookup -------------------------------------------------------------
     def _load_entry_points(self) -> None:

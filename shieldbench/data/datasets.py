@@ -24,12 +24,14 @@ The on-disk formats are read lazily (images decoded on demand, see
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from shieldbench.data.types import DatasetBundle
 from shieldbench.errors import UserError
 from shieldbench.registry import DATASETS, register_dataset
 from shieldbench.spec import DataSpec, EvalSpec
+
+if TYPE_CHECKING:  # pragma: no cover  (the factories import torch only when they build a bundle)
+    from shieldbench.data.types import DatasetBundle
 
 # Read by every dataset (or by the runner for every dataset).
 COMMON_DATA = ("dataset", "seed", "image_size", "knowledge_k", "on_error")
