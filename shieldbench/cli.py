@@ -114,6 +114,8 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML experiment file"),
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="master seed"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.epochs=5 --set attack.size=6"),
+    tracker: Optional[str] = typer.Option(None, "--tracker", help="none | tensorboard: log every training's loss "
+                                          "terms and LR per step under RESULTS/runs/<run id>/tensorboard"),
     plugin: list[str] = typer.Option([], "--plugin", help="import a module that registers plugins"),
     results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
     force: bool = typer.Option(False, "--force", help="re-evaluate even if a finished record exists"),
@@ -136,6 +138,8 @@ def run(
     """
     from shieldbench import api
 
+    if tracker is not None:
+        set_ = [*set_, f"runtime.tracker={tracker}"]
     api.load_plugins(plugin)
     spec = api.make_spec(attack=attack, defense=defense, model=model, dataset=dataset, preset=preset,
                          config=config, seed=seed, overrides=set_)
@@ -222,6 +226,7 @@ def grid(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke | small (default small)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML experiment file"),
     set_: list[str] = typer.Option([], "--set", help="override applied to every cell"),
+    tracker: Optional[str] = typer.Option(None, "--tracker", help="none | tensorboard (see `run --help`)"),
     plugin: list[str] = typer.Option([], "--plugin", help="import a module that registers plugins"),
     results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
     workers: int = typer.Option(1, "--workers", "-w", help="worker processes (one GPU each when there are GPUs)"),
@@ -281,6 +286,8 @@ def grid(
     except ValueError:
         raise UserError(f"--seeds {seeds!r}: expected comma-separated integers") from None
     # Unresolved: each cell fills in its own attack's and defense's defaults.
+    if tracker is not None:
+        set_ = [*set_, f"runtime.tracker={tracker}"]
     # Names first: an unknown one is answered before anything heavy is imported.
     attack_names, defense_names = api.grid_names("attacks", _names(attacks, "attacks")), api.grid_names("defenses", _names(defenses, "defenses"))
     base = api.make_spec(model=model, dataset=dataset, preset=preset, config=config, overrides=set_, resolved=False)

@@ -132,6 +132,8 @@ class RuntimeSpec:
     """DataLoader worker processes (-1: none for in-memory data, up to 4 for data on disk)."""
     checkpoint_every: int = field(default=0, metadata=_rng(0))
     """Also checkpoint training every this many steps (0: at each epoch's end only)."""
+    tracker: str = field(default="none", metadata=_choices("none", "tensorboard"))
+    """Log every training's loss terms and learning rate per step (``tensorboard``: under ``runs/<run id>/tensorboard``)."""
 
 
 @dataclass(frozen=True)

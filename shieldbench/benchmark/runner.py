@@ -59,6 +59,7 @@ from shieldbench.models.factory import build_model
 from shieldbench.registry import ATTACKS, DEFENSES
 from shieldbench.spec import ExperimentSpec, derive_seed
 from shieldbench.training import distributed as D
+from shieldbench.training import tracking
 from shieldbench.training.trainer import TrainConfig, Trainer, TrainingDiverged, pick_device
 
 
@@ -310,8 +311,10 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
     every rank returns rank 0's record.
     """
     results_dir = Path(results_dir)
+    tracking.check_available(spec.runtime.tracker)
     lock = locked(results_dir / ".locks" / f"{run_id_for(spec)}.lock") if D.is_main() else contextlib.nullcontext()
-    with lock:
+    log_dir = results_dir / "runs" / run_id_for(spec) / "tensorboard" if spec.runtime.tracker == "tensorboard" else None
+    with lock, tracking.active(log_dir):
         record = _run_cell(spec, results_dir, console, show_progress, force)
     return D.broadcast_object(record)
 

@@ -38,6 +38,7 @@ from shieldbench.data.loader import EpochBatchSampler, RowBatch, default_workers
 from shieldbench.data.views import TrainView
 from shieldbench.models.clip import ClipModel
 from shieldbench.training import distributed as D
+from shieldbench.training import tracking
 from shieldbench.training.checkpoint import atomic_torch_save, safe_load
 from shieldbench.training.contracts import Batch, Callback, LossOutput, Objective
 from shieldbench.training.losses import ClipObjective
@@ -284,6 +285,7 @@ class Trainer:
         progress = Progress(*columns, console=Console(stderr=True), disable=not self.show_progress, transient=False)
         epochs_run = 0
         data_wait = 0.0
+        writer = tracking.open_writer(self.description) if self.rank == 0 else None
         # Made here, not in __init__, so its worker processes end with fit().
         loader = make_loader(self.data, self.sampler, workers=self.workers, pin_memory=self.device.type == "cuda")
         if self.world_size > 1:
@@ -325,6 +327,10 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + v
                     for cb in self.callbacks:
                         cb.on_step_end(self, batch, out)
+                    if writer is not None:
+                        for k, v in out.logs.items():
+                            writer.add_scalar(f"train/{k}", v, self.step)
+                        writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
                     progress.update(task, advance=1, loss=float(out.loss.detach()))
                     every = self.config.checkpoint_every
                     if every and self.step % every == 0 and b + 1 < self.steps_per_epoch:
@@ -334,10 +340,17 @@ class Trainer:
                 # The mean over ranks of each rank's mean: the global batch's mean (equal shares).
                 row.update({k: v / self.steps_per_epoch for k, v in D.all_reduce_mean(sums, self.device).items()})
                 self.history.append(row)
+                if writer is not None:
+                    for k, v in row.items():
+                        if k not in ("epoch", "step"):
+                            writer.add_scalar(f"epoch/{k}", v, epoch)
+                    writer.flush()
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch)
                 self._save(epoch)
                 epochs_run += 1
+        if writer is not None:
+            writer.close()
         self.model.eval()
         self._step_module = None
         return TrainResult(self.step, epochs_run, start_epoch, time.perf_counter() - start, self.history,
