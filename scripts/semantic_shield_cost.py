@@ -7,8 +7,10 @@
 ``diagnose`` (validation world 2, BadNets, master seed 0): no defense, the
 default, and the default with the KE phrases encoded by the model's text
 tower without gradient (``ke_text=detached``) or by the text tower as it was
-at the start (``ke_text=frozen``); then the tower-mixing diagnosis
-(scripts/diagnose_semantic_shield_cost.py) on each.
+at the start (``ke_text=frozen``); round 2 (added after round 1 located the
+damage in the image tower): the KE loss kept off the image tower
+(``ke_image=detached``), no KE loss, no attention loss; then the
+tower-mixing diagnosis (scripts/diagnose_semantic_shield_cost.py) on each.
 
 ``select CANDIDATE`` (a ``--set`` list such as ``defense.ke_text=frozen``):
 validation worlds 1 and 2 (``data.seed``), master seeds 0 and 1, BadNets,
@@ -67,7 +69,11 @@ def run(folder: Path, attack: str, defense: str, world: int, seed: int, sets: li
 def diagnose(folder: Path) -> None:
     ids = []
     for defense, sets in (("none", []), ("semantic_shield", []), ("semantic_shield", ["defense.ke_text=detached"]),
-                          ("semantic_shield", ["defense.ke_text=frozen"])):
+                          ("semantic_shield", ["defense.ke_text=frozen"]),
+                          # Round 2, after round 1 showed the damage in the image tower (docs/semantic_shield.md):
+                          ("semantic_shield", ["defense.ke_image=detached"]),
+                          ("semantic_shield", ["defense.lambda_ke=0"]),
+                          ("semantic_shield", ["defense.lambda_attn=0"])):
         ids.append(run(folder, "badnets", defense, 2, 0, sets)["run_id"])
     subprocess.run([sys.executable, str(Path(__file__).with_name("diagnose_semantic_shield_cost.py")), str(folder), *ids],
                    check=True)

@@ -378,3 +378,12 @@ def test_ke_text_detached_or_frozen_keeps_the_ke_loss_off_the_text_tower(model_a
         restored = _objective(variant="ke", ke_text="frozen")
         restored.load_state_dict(obj.state_dict())
         assert torch.equal(restored.frozen_table, obj.frozen_table) and restored.frozen_rows == obj.frozen_rows
+
+
+def test_ke_image_detached_keeps_the_ke_loss_off_the_image_tower(model_and_batch):
+    model, batch = model_and_batch
+    terms, _ = _objective(variant="ke", ke_image="detached").terms(model, batch)
+    model.zero_grad(set_to_none=True)
+    terms["ke"].backward()
+    vis, txt = _grad_norms(model)
+    assert vis == 0 and txt > 0, (vis, txt)

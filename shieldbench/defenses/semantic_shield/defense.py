@@ -192,7 +192,9 @@ class SemanticShieldObjective(Callback):
             all_ke_index = D.gather(ke_index + D.rank_offset(len(uniq), device))
             ke_emb = ke_emb_all
             ke_identity = ids[all_ke_index]  # equal across ranks for equal KE strings
-        s_all = L.alignment(out.patches, ke_emb)  # (B, M, U): this rank's patches x all KEs
+        # ke_image=detached: the patch-KE alignment sends no gradient into the image tower.
+        patches = out.patches.detach() if p.ke_image == "detached" else out.patches
+        s_all = L.alignment(patches, ke_emb)  # (B, M, U): this rank's patches x all KEs
         s_own = L.own_alignment(s_all, all_ke_index[batch.local])  # (B, M, K)
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
@@ -277,6 +279,9 @@ class SemanticShield(Defense):
                              "loss), detached (the model's, no gradient: the KE loss trains the image tower only) "
                              "or frozen (the text tower at the start of training, encoded once)",
                              choices=("live", "detached", "frozen"))
+        ke_image: str = param("live", "image side of the patch-KE alignment: live (the KE loss trains the image tower "
+                              "through the patch tokens and the shared projection) or detached (it does not)",
+                              choices=("live", "detached"))
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
