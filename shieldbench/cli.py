@@ -163,6 +163,9 @@ def run(
         else:
             print_dry_run(spec, report)
         return
+    if not quiet:
+        with err.status("[dim]importing torch and open_clip[/dim]", spinner="dots"):  # seconds of silence otherwise
+            import shieldbench.benchmark.runner  # noqa: F401
     try:
         record = api.run(spec, results, console=err, show_progress=not quiet, force=force)
     finally:

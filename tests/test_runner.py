@@ -96,3 +96,24 @@ def test_failed_run_is_a_row(results, monkeypatch):
     board = pd.read_csv(results / "leaderboard.csv")
     row = board[(board.attack == "badnets") & (board.defense == "none")].iloc[0]
     assert row["n_failed"] == 1
+
+
+def test_stages_without_a_bar_show_a_status_line(tmp_path):
+    import io
+    import time as _time
+
+    from rich.console import Console
+
+    from shieldbench.benchmark.runner import RunContext
+    from shieldbench.spec import build_spec
+
+    buf = io.StringIO()
+    rc = RunContext(build_spec("smoke"), tmp_path, Console(file=buf, force_terminal=True, width=100))
+    with rc.status("evaluating"):
+        _time.sleep(0.3)
+    assert "evaluating" in buf.getvalue()
+    quiet = io.StringIO()
+    rc = RunContext(build_spec("smoke"), tmp_path, Console(file=quiet, force_terminal=True), show_progress=False)
+    with rc.status("evaluating"):
+        pass
+    assert quiet.getvalue() == ""

@@ -105,6 +105,12 @@ class RunContext:
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.results_dir / "cache")
 
+    def status(self, text: str) -> Any:
+        """A spinner line on stderr for a stage that has no progress bar (data, plan, evaluation)."""
+        if self.show_progress and D.is_main():
+            return self.console.status(f"[dim]{text}[/dim]", spinner="dots")
+        return contextlib.nullcontext()
+
     def lock(self, kind: str, key: str) -> Any:
         """The artifact's lock, held by rank 0 alone (the other ranks follow its decisions)."""
         return self.store.lock(kind, key) if D.is_main() else contextlib.nullcontext()
@@ -346,7 +352,8 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
     t_all = time.perf_counter()
     try:
         t = time.perf_counter()
-        with D.rank_zero_first():  # a manifest or corpus cache is written once, by rank 0
+        with D.rank_zero_first(), rc.status(f"data: {spec.data.dataset} (seed {spec.data.seed})"):
+            # A manifest or corpus cache is written once, by rank 0.
             bundle = build_dataset(spec.data, spec.eval)
         timings["data_s"] = time.perf_counter() - t
         record["data"] = dict(bundle.info)
@@ -355,7 +362,8 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         record["artifacts"]["base"] = {k: v for k, v in base_info.items() if k != "history"}
         attack = make_attack(spec, bundle, base)
         t = time.perf_counter()
-        with D.rank_zero_first():  # rank 0 plans and saves; the others read the saved plan
+        with D.rank_zero_first(), rc.status(f"poison plan: {spec.attack.name}"):
+            # Rank 0 plans and saves; the others read the saved plan.
             plan, plan_cached = plan_attack(rc, attack)
         poisoned = attack.poison(plan)
         timings["plan_s"] = time.perf_counter() - t
@@ -367,7 +375,8 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         # Evaluation runs on rank 0 alone; the others wait at the next stage's first collective.
         t = time.perf_counter()
         if D.is_main():
-            record["metrics_base_model"] = evaluate_base_model(rc, base, bundle, attack, plan)
+            with rc.status("evaluating the clean base model under the trigger"):
+                record["metrics_base_model"] = evaluate_base_model(rc, base, bundle, attack, plan)
         timings["eval_base_s"] = time.perf_counter() - t
         model, train_info = train_victim(rc, base, poisoned.view, defense)
         timings["train_s"] = train_info["seconds"]
@@ -377,14 +386,16 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         if defense_cls.repairs():
             t = time.perf_counter()
             if D.is_main():
-                record["metrics_before_repair"] = run_evaluation(rc, model, bundle, attack, plan)
+                with rc.status("evaluating before the repair"):
+                    record["metrics_before_repair"] = run_evaluation(rc, model, bundle, attack, plan)
             timings["eval_before_repair_s"] = time.perf_counter() - t
             model, repair_info = repair_victim(rc, model, bundle, defense, train_info["key"])
             timings["repair_s"] = repair_info["seconds"]
             record["artifacts"]["repair"] = repair_info
         t = time.perf_counter()
         if D.is_main():
-            record["metrics"] = run_evaluation(rc, model, bundle, attack, plan)
+            with rc.status("evaluating"):
+                record["metrics"] = run_evaluation(rc, model, bundle, attack, plan)
             for key in ("asr", "poison_success"):
                 if key in record["metrics_base_model"]:
                     record["metrics"][f"{key}_base_model"] = record["metrics_base_model"][key]
