@@ -69,7 +69,7 @@ def main(results: Path, wanted: list[str]) -> None:
             "run_id": record["run_id"], "attack": record["attack"], "defense": record["defense"],
             "data_seed": spec.data.seed, "seed": spec.seed,
             "options": {k: v for k, v in record["spec"]["defense"].get("options", {}).items()
-                        if k in ("variant", "lambda_ke", "lambda_attn", "ke_text", "weight_floor")},
+                        if k in ("variant", "lambda_ke", "lambda_attn", "ke_text", "ke_image")},
             "ca": top1(img_trained, cls_trained, labels), "ca_img": top1(img_trained, cls_base, labels),
             "ca_txt": top1(img_base, cls_trained, labels), "ca_base": top1(img_base, cls_base, labels),
             "drift": float((1 - (cls_base * cls_trained).sum(dim=1)).mean()),

@@ -157,7 +157,7 @@ def plan_grid(base: ExperimentSpec, attacks: list[str], defenses: list[str], see
 
 
 def write_report(results_dir: str | Path = "results") -> Path:
-    from shieldbench.benchmark.plots import write_report as _write
+    from shieldbench.benchmark.report import write_report as _write
 
     read_leaderboard(results_dir)  # one clear line if there is none
     return _write(results_dir)

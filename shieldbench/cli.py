@@ -325,7 +325,7 @@ def print_grid_plan(plan: Any, workers: int) -> None:
 def report(
     results: Path = typer.Option(Path("results"), "--results", "-o", help="results folder"),
 ) -> None:
-    """Write results/report/index.html with the ASR heatmap and the CA-vs-ASR plot.
+    """Write results/report/index.html: what was run, the leaderboard (mean ± std), ASR heatmap, CA-vs-ASR plot, attention maps.
 
     Examples:
 
