@@ -54,3 +54,20 @@ def test_list_verbose_shows_the_presets_effective_defaults():
     assert smoke["s"]["default"] == 0.5 and smoke["s"]["preset"] is False
     bn = {p["name"]: p for p in {r["name"]: r for r in list_plugins("attacks", True)}["badnets"]["params"]}
     assert all(not isinstance(p["default"], float) or len(repr(p["default"])) <= 8 for p in bn.values())
+
+
+def test_option_errors_load_the_plugin_but_not_open_clip():
+    """A bad option value needs the plugin's Params (torch), not open_clip or transformers."""
+    probe = r"""
+import sys
+from typer.testing import CliRunner
+from shieldbench.cli import app
+res = CliRunner().invoke(app, ["run", "-d", "semantic_shield", "--set", "defense.lambda_ke=-1"])
+print(type(res.exception).__name__, str(res.exception)[:200])
+print(sorted(m for m in ("open_clip", "transformers") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    error, heavy = proc.stdout.strip().splitlines()[-2:]
+    assert error.startswith("UserError") and "lambda_ke" in error
+    assert heavy == "[]", heavy

@@ -14,17 +14,23 @@ global batch. In one process they are the plain batch losses.
 
 from __future__ import annotations
 
-import open_clip
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from shieldbench.training import distributed as D
 from shieldbench.training.contracts import Batch, LossOutput
 
-_clip_losses: dict[tuple[int, int], open_clip.ClipLoss] = {}
+if TYPE_CHECKING:  # pragma: no cover
+    import open_clip
+
+_clip_losses: dict[tuple[int, int], "open_clip.ClipLoss"] = {}
 
 
-def _open_clip_loss() -> open_clip.ClipLoss:
+def _open_clip_loss() -> "open_clip.ClipLoss":
+    import open_clip  # here, not at the top: validating a defense's options should not load open_clip
+
     key = (D.rank(), D.world_size())
     if key not in _clip_losses:
         if key[1] == 1:
