@@ -176,9 +176,14 @@ def read_leaderboard(results_dir: str | Path = "results") -> "pd.DataFrame":
     if not path.is_file():
         raise UserError(f"no leaderboard at {path}; run `shieldbench run` first")
     try:
-        return pd.read_csv(path)
+        df = pd.read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise UserError(f"corrupt leaderboard file {path}: {exc}") from exc
+    missing = [c for c in ("attack", "defense", "model", "preset", "n_seeds") if c not in df.columns]
+    if missing:
+        raise UserError(f"corrupt leaderboard file {path}: no {missing[0]!r} column (delete it and run "
+                        f"`shieldbench leaderboard` to rebuild it from the records)")
+    return df
 
 
 def read_record(path: str | Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from shieldbench.errors import UserError
@@ -140,6 +141,7 @@ def run(
 
     if tracker is not None:
         set_ = [*set_, f"runtime.tracker={tracker}"]
+    _results_folder(results)
     api.load_plugins(plugin)
     spec = api.make_spec(attack=attack, defense=defense, model=model, dataset=dataset, preset=preset,
                          config=config, seed=seed, overrides=set_)
@@ -210,6 +212,13 @@ def print_dry_run(spec: Any, report: dict[str, Any]) -> None:
         out.print(f"compute: {c['tflops_per_step']:.2f} TFLOP per step (counted) -> {c['gpu_h_at_assumed_throughput']:.2f} GPU h "
                   f"at an assumed {c['assumed_gpu_tflops']:.0f} TFLOP/s sustained (an assumption, not a measurement)")
     out.print("dry run: nothing was trained")
+
+
+def _results_folder(results: Path) -> Path:
+    """--results must be a folder (or not exist yet): checked before anything is trained or written."""
+    if results.exists() and not results.is_dir():
+        raise UserError(f"--results {results}: exists and is not a folder")
+    return results
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -288,6 +297,9 @@ def grid(
         seed_list = [int(s) for s in _names(seeds, "seeds")]
     except ValueError:
         raise UserError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    if any(s < 0 for s in seed_list):  # as `run --seed` says
+        raise UserError(f"--seeds {seeds!r}: a seed is out of range; allowed [0, inf]")
+    _results_folder(results)
     # Unresolved: each cell fills in its own attack's and defense's defaults.
     if tracker is not None:
         set_ = [*set_, f"runtime.tracker={tracker}"]
@@ -333,6 +345,7 @@ def report(
     """
     from shieldbench import api
 
+    _results_folder(results)
     if (results / "runs").is_dir():
         api.rebuild_leaderboard(results)
     out.print(f"report: {api.write_report(results)}")
@@ -419,12 +432,17 @@ def leaderboard(
         fmt = "markdown"
     if fmt not in ("table", "markdown", "latex", "csv"):
         raise UserError(f"--format {fmt!r}: choose table, markdown (md), latex or csv")
+    _results_folder(results)
     if rebuild and (results / "runs").is_dir():
         api.rebuild_leaderboard(results)
     df = api.read_leaderboard(results)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     df = filter_rows(df, split(attacks), split(defenses), split(setting))
     wanted = split(metrics)
+    unknown = [m for m in wanted if f"{m}_mean" not in df.columns]
+    if unknown and metrics != DEFAULT_METRICS:  # the default list names metrics some results do not have
+        have = sorted(c.removesuffix("_mean") for c in df.columns if c.endswith("_mean"))
+        raise UserError(f"--metrics: no metric {unknown[0]!r} in this leaderboard; it has: {', '.join(have)}")
     smoke = "preset" in df.columns and df["preset"].astype(str).eq("smoke").any()
     if fmt in ("markdown", "latex"):
         # stdout stays pasteable; the note goes to stderr.
@@ -469,7 +487,8 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # Escaped: a message quoting "[data]" or "[1]" is text, not rich markup.
+        err.print(f"[red]error:[/red] {rich_escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

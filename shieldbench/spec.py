@@ -259,8 +259,8 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)
-            if math.isnan(out):
-                raise ValueError
+            if not math.isfinite(out):  # NaN or +-inf: no option means "unbounded" by infinity
+                raise UserError(f"{name}: {value!r} is not a finite number")
             return out
         if typ_name in ("str",):
             return str(value)
@@ -273,6 +273,8 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+    except UserError:
+        raise
     except (TypeError, ValueError):
         raise UserError(f"{name}: {value!r} is not a valid {typ_name}") from None
     return value
@@ -369,8 +371,10 @@ def build_spec(
     layers: list[dict[str, Any]] = []
     file_tree = load_toml(config) if config else {}
     over = dict(overrides or {})
-    preset = preset or over.pop("preset", None) or file_tree.pop("preset", None) or "small"
-    if preset not in PRESETS:
+    # An explicit --preset beats --set preset=..., which beats the file's; an empty one is an error, not "small".
+    given = [p for p in (preset, over.pop("preset", None), file_tree.pop("preset", None)) if p is not None]
+    preset = given[0] if given else "small"
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     layers = [PRESETS[preset], file_tree, over]
     spec = ExperimentSpec(preset=preset)

@@ -36,14 +36,36 @@ HEADLINE = [
 
 
 def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every readable record under ``results/runs``; unreadable ones become failed rows."""
+    """Every readable record under ``results/runs``; unreadable or malformed ones become ``corrupt`` rows.
+
+    Malformed: not a JSON object, or a ``metrics`` / ``timings`` / ``plan`` /
+    ``artifacts`` / ``spec`` field that is not an object. Such a record is
+    one row saying what is wrong; the rest of the leaderboard is built.
+    """
     records = []
     for path in sorted(Path(results_dir, "runs").glob("*/record.json")):
         try:
-            records.append(json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            records.append({"run_id": path.parent.name, "status": "corrupt", "error": f"{path}: {exc}"})
+            record = json.loads(path.read_text())
+            problem = _malformed(record)
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            records.append({"run_id": path.parent.name, "status": "corrupt", "error": f"{path}: {problem}"})
+        else:
+            records.append(record)
     return records
+
+
+def _malformed(record: Any) -> str:
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    for key in ("metrics", "metrics_before_repair", "timings", "plan", "artifacts", "spec"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"{key!r} is {type(record[key]).__name__}, not an object"
+    for key, value in (record.get("metrics") or {}).items():
+        if value is not None and not isinstance(value, (int, float)):
+            return f"metric {key!r} is {type(value).__name__}, not a number"
+    return ""
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -300,8 +300,11 @@ def finished_record(spec: ExperimentSpec, results_dir: str | Path) -> dict[str, 
     rpath = record_path(Path(results_dir), run_id_for(spec))
     if not rpath.is_file():
         return None
-    record = read_json(rpath)
-    if not isinstance(record, dict) or record.get("status") != "ok":
+    try:
+        record = read_json(rpath)
+    except UserError:  # a corrupt record is not a finished one: the cell runs again and rewrites it
+        return None
+    if not isinstance(record, dict) or record.get("status") != "ok" or not isinstance(record.get("metrics"), dict):
         return None
     record["reused_record"] = True
     return record
