@@ -18,10 +18,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """Both examples installed into a folder that is put on PYTHONPATH (the test's venv stays untouched)."""
+    import shutil
+
     target = tmp_path_factory.mktemp("site")
+    sources = tmp_path_factory.mktemp("src")
     for pkg in ("shieldbench-clean-finetune", "shieldbench-sig-attack"):
+        # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+        shutil.copytree(EXAMPLES / pkg, sources / pkg)
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                               "--target", str(target), str(EXAMPLES / pkg)], capture_output=True, text=True,
+                               "--target", str(target), str(sources / pkg)], capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     return target
