@@ -2,6 +2,7 @@
 
     VAL=results/validation python scripts/semantic_shield_cost.py diagnose
     VAL=results/validation python scripts/semantic_shield_cost.py select CANDIDATE
+    VAL=results/validation python scripts/semantic_shield_cost.py screen CANDIDATE [CANDIDATE ...]
     REP=results/reported  python scripts/semantic_shield_cost.py report CANDIDATE
 
 ``diagnose`` (validation world 2, BadNets, master seed 0): no defense, the
@@ -22,6 +23,17 @@ points above the clean base model's ASR), its targeted success is 0 of 16
 on every run, and its mean clean-accuracy cost against no defense (over
 worlds, attacks, seeds) is smaller than the default's. Otherwise the
 default stays and the candidate is an option.
+
+``screen CANDIDATE [CANDIDATE ...]`` (each a comma-separated ``--set``
+list; added after ``select`` rejected ``ke_image=detached``): the three
+validation cells where that candidate or the default failed or cost most,
+one run each: BadNets in world 2, master seed 0 (clean accuracy), WaNet in
+world 1, master seed 1 (``ke_image=detached``: 19.3% against a bar of
+7.7%), targeted poisoning in world 2, master seed 0 (5 of 16). Rule, fixed
+before the runs: a candidate passes the screen if its WaNet ASR is at most
+3 points above the clean base model's, its targeted success is at most the
+default's on that run, and its BadNets clean accuracy is above the
+default's; passing candidates go to ``select`` in order of that accuracy.
 
 ``report CANDIDATE``: the reported world (data seed 0), master seeds 0, 1,
 2, BadNets, Blended, WaNet and targeted, once, after the choice.
@@ -117,6 +129,30 @@ def select(folder: Path, candidate: list[str]) -> None:
     log(folder, f"rule: {verdict} ({' '.join(candidate)})")
 
 
+SCREEN_CELLS = (("badnets", 2, 0), ("wanet", 1, 1), ("targeted", 2, 0))
+
+
+def screen(folder: Path, candidates: list[list[str]]) -> None:
+    default = {attack: run(folder, attack, "semantic_shield", world, seed, [])["metrics"]
+               for attack, world, seed in SCREEN_CELLS}
+    passed = []
+    for candidate in candidates:
+        m = {attack: run(folder, attack, "semantic_shield", world, seed, candidate)["metrics"]
+             for attack, world, seed in SCREEN_CELLS}
+        wanet_ok = m["wanet"]["asr"] <= m["wanet"]["asr_base_model"] + 0.03
+        targeted_ok = m["targeted"]["poison_success"] <= default["targeted"]["poison_success"]
+        ca_ok = m["badnets"]["clean_top1"] > default["badnets"]["clean_top1"]
+        log(folder, f"screen {' '.join(candidate)}: badnets CA {m['badnets']['clean_top1']:.3f} (default "
+                    f"{default['badnets']['clean_top1']:.3f}) ASR {m['badnets']['asr']:.3f}; wanet ASR "
+                    f"{m['wanet']['asr']:.3f} (bar {m['wanet']['asr_base_model'] + 0.03:.3f}); targeted "
+                    f"{m['targeted']['poison_success']:.4f} (default {default['targeted']['poison_success']:.4f})"
+                    f" -> {'pass' if wanet_ok and targeted_ok and ca_ok else 'fail'}")
+        if wanet_ok and targeted_ok and ca_ok:
+            passed.append((m["badnets"]["clean_top1"], candidate))
+    for ca, candidate in sorted(passed, key=lambda t: -t[0]):
+        log(folder, f"screen passed: {' '.join(candidate)} (CA {ca:.3f})")
+
+
 def report(folder: Path, candidate: list[str]) -> None:
     for seed in (0, 1, 2):
         for attack in (*ATTACKS, "targeted"):
@@ -130,6 +166,8 @@ if __name__ == "__main__":
         diagnose(Path(os.environ.get("VAL", "results/validation")))
     elif stage == "select":
         select(Path(os.environ.get("VAL", "results/validation")), sets)
+    elif stage == "screen":
+        screen(Path(os.environ.get("VAL", "results/validation")), [c.split(",") for c in sets])
     elif stage == "report":
         report(Path(os.environ.get("REP", "results/reported")), sets)
     else:

@@ -387,3 +387,48 @@ def test_ke_image_detached_keeps_the_ke_loss_off_the_image_tower(model_and_batch
     terms["ke"].backward()
     vis, txt = _grad_norms(model)
     assert vis == 0 and txt > 0, (vis, txt)
+
+
+def test_ke_image_trunk_trains_the_tower_but_not_the_shared_projection(model_and_batch):
+    model, batch = model_and_batch
+    live, _ = _objective(variant="ke").terms(model, batch)
+    terms, _ = _objective(variant="ke", ke_image="trunk").terms(model, batch)
+    assert float(terms["ke"].detach()) == pytest.approx(float(live["ke"].detach()), rel=1e-5)
+    model.zero_grad(set_to_none=True)
+    terms["ke"].backward(retain_graph=True)
+    proj = model.clip.visual.proj
+    assert proj.grad is None or float(proj.grad.abs().sum()) == 0
+    vis, txt = _grad_norms(model)
+    assert vis > 0 and txt > 0, (vis, txt)
+    # The pooled embedding's path through the projection is untouched: the CLIP term still trains it.
+    model.zero_grad(set_to_none=True)
+    terms["clip"].backward()
+    assert float(proj.grad.abs().sum()) > 0
+
+
+def test_ke_image_positives_sends_only_the_own_ke_pull_into_the_image_tower(model_and_batch):
+    from shieldbench.defenses.semantic_shield import losses as L
+
+    model, batch = model_and_batch
+    obj = _objective(variant="ke", ke_image="positives")
+    live, _ = _objective(variant="ke").terms(model, batch)
+    terms, _ = obj.terms(model, batch)
+    assert float(terms["ke"].detach()) == pytest.approx(float(live["ke"].detach()), rel=1e-5)
+    # The image-side gradient equals that of a loss whose negatives see detached patches, and it
+    # differs from the live one (which also pushes patches away from other captions' KEs).
+    patches = torch.randn(4, 5, 8, requires_grad=True)
+    ke_emb = torch.randn(12, 8)
+    index = torch.arange(12).view(4, 3)
+    z = obj.ke_mil_scores(patches, ke_emb, L.alignment(patches, ke_emb), index, 0)
+    L.ke_loss(z, 10.0).backward()
+    got = patches.grad.clone()
+    patches.grad = None
+    z_live = L.mil_scores(L.alignment(patches, ke_emb), index)
+    diag = torch.diagonal(z_live)
+    # Only the diagonal (own KE set) of the live scores carries the image gradient.
+    bce_pos = torch.nn.functional.binary_cross_entropy_with_logits(diag * 10.0, torch.ones(4), reduction="none")
+    (0.5 * bce_pos).mean().backward()
+    assert torch.allclose(got, patches.grad, atol=1e-6)
+    patches.grad = None
+    L.ke_loss(L.mil_scores(L.alignment(patches, ke_emb), index), 10.0).backward()
+    assert not torch.allclose(got, patches.grad, atol=1e-4)

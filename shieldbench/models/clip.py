@@ -91,13 +91,20 @@ class ClipModel(nn.Module):
         """Pooled embedding of float images in [0, 1]."""
         return self.image_outputs(images).embedding
 
-    def image_outputs(self, images: torch.Tensor, patches: bool = False, attention: bool = False) -> ImageOutput:
-        """Pooled embedding, plus patch tokens and attention when asked for."""
+    def image_outputs(self, images: torch.Tensor, patches: bool = False, attention: bool = False,
+                      patch_projection_grad: bool = True) -> ImageOutput:
+        """Pooled embedding, plus patch tokens and attention when asked for.
+
+        ``patch_projection_grad=False`` projects the patch tokens with the
+        projection's weights detached: a loss on the patches then trains the
+        trunk below them but not the projection that also makes the pooled
+        embedding (the pooled path keeps its gradient either way).
+        """
         x = self.normalize(images.to(self.pixel_mean.device))
         visual = self.clip.visual
         if not self.is_vit:
             if patches or attention:
-                return self._resnet_outputs(x, patches, attention)
+                return self._resnet_outputs(x, patches, attention, patch_projection_grad)
             return ImageOutput(visual(x))
         # The tower computes its tokens anyway; asking it to return them is free.
         # The flag is set per call so that open_clip's own API keeps its contract.
@@ -109,7 +116,10 @@ class ClipModel(nn.Module):
             visual.output_tokens = False
         proj_patches = None
         if patches:
-            proj_patches = tokens @ visual.proj if visual.proj is not None else tokens
+            proj = visual.proj
+            if proj is not None and not patch_projection_grad:
+                proj = proj.detach()
+            proj_patches = tokens @ proj if proj is not None else tokens
         attn = store[0][:, :, 0, 1:] if attention else None
         return ImageOutput(pooled, proj_patches, attn)
 
@@ -139,7 +149,8 @@ class ClipModel(nn.Module):
             h1.remove()
             h2.remove()
 
-    def _resnet_outputs(self, x: torch.Tensor, patches: bool, attention: bool) -> ImageOutput:
+    def _resnet_outputs(self, x: torch.Tensor, patches: bool, attention: bool,
+                        patch_projection_grad: bool = True) -> ImageOutput:
         """ResNet towers: the attention pool's query (the mean token) plays CLS.
 
         Mirrors ``open_clip.modified_resnet.AttentionPool2d`` but keeps the
@@ -169,8 +180,9 @@ class ClipModel(nn.Module):
         if patches:
             # Each grid token through the pool's value and output projections:
             # the same linear map that carries it into the pooled embedding.
-            v = F.linear(tokens[1:], pool.v_proj.weight, pool.v_proj.bias)
-            proj_patches = F.linear(v, pool.c_proj.weight, pool.c_proj.bias).permute(1, 0, 2)
+            keep = (lambda t: t) if patch_projection_grad else torch.Tensor.detach
+            v = F.linear(tokens[1:], keep(pool.v_proj.weight), keep(pool.v_proj.bias))
+            proj_patches = F.linear(v, keep(pool.c_proj.weight), keep(pool.c_proj.bias)).permute(1, 0, 2)
         attn = weights[:, :, 0, 1:] if attention else None
         return ImageOutput(pooled, proj_patches, attn)
 

@@ -160,13 +160,39 @@ class SemanticShieldObjective(Callback):
             self.frozen_rows = {ke: i for i, ke in enumerate(state["frozen_phrases"])}
             self.frozen_table = state["frozen_table"].float().clone()
 
+    def ke_mil_scores(self, patches: torch.Tensor, ke_emb: torch.Tensor, s_all: torch.Tensor,
+                      ke_index: torch.Tensor, offset: int) -> torch.Tensor:
+        """The KE loss's MIL scores, with the image-side gradient that ``ke_image`` allows.
+
+        The text side (the KE embeddings) keeps its gradient in every mode.
+        ``detached``: no gradient into the image tower; ``positives``: the
+        image tower is trained only by its own KEs (pulled toward them), not
+        pushed away from the batch's other KE sets; ``trunk`` is handled where
+        the patches are made (their projection's weights detached).
+        """
+        p = self.p
+        if p.ke_image == "detached":
+            return L.mil_scores(L.alignment(patches.detach(), ke_emb), ke_index)
+        z = L.mil_scores(s_all, ke_index)
+        if p.ke_image == "positives":
+            z_text_only = L.mil_scores(L.alignment(patches.detach(), ke_emb), ke_index)
+            own = torch.zeros_like(z, dtype=torch.bool)
+            rows = torch.arange(z.shape[0], device=z.device)
+            own[rows, rows + offset] = True
+            z = torch.where(own, z, z_text_only)
+        return z
+
     def terms(self, model, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Each loss term (unweighted by its lambda) and the logs of one batch."""
         p = self.p
         if batch.knowledge is None:
             raise RuntimeError("semantic_shield needs knowledge elements on the batch (prepare_data attaches them)")
         want_attn = self.use_attn and p.lambda_attn > 0
-        out = model.image_outputs(batch.images, patches=True, attention=want_attn)
+        # ke_image=trunk: the patches' projection (shared with the pooled embedding) is not trained
+        # through them; only the KE loss has a gradient path through the patches (the weights are
+        # no_grad and the attention target is detached by default).
+        out = model.image_outputs(batch.images, patches=True, attention=want_attn,
+                                  patch_projection_grad=p.ke_image != "trunk")
         # Unique KE strings, encoded once, in the same text pass as the captions.
         uniq: dict[str, int] = {}
         rows = [[uniq.setdefault(ke, len(uniq)) for ke in kes] for kes in batch.knowledge]
@@ -192,9 +218,7 @@ class SemanticShieldObjective(Callback):
             all_ke_index = D.gather(ke_index + D.rank_offset(len(uniq), device))
             ke_emb = ke_emb_all
             ke_identity = ids[all_ke_index]  # equal across ranks for equal KE strings
-        # ke_image=detached: the patch-KE alignment sends no gradient into the image tower.
-        patches = out.patches.detach() if p.ke_image == "detached" else out.patches
-        s_all = L.alignment(patches, ke_emb)  # (B, M, U): this rank's patches x all KEs
+        s_all = L.alignment(out.patches, ke_emb)  # (B, M, U): this rank's patches x all KEs
         s_own = L.own_alignment(s_all, all_ke_index[batch.local])  # (B, M, K)
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
@@ -214,7 +238,7 @@ class SemanticShieldObjective(Callback):
         else:
             terms["clip"] = clip_loss(out.embedding.float(), txt.float(), model.logit_scale)
         if self.use_ke and p.lambda_ke > 0:
-            z = L.mil_scores(s_all, all_ke_index)  # (B, B_global)
+            z = self.ke_mil_scores(out.patches, ke_emb, s_all, all_ke_index, batch.offset)  # (B, B_global)
             ignore = L.shared_ke_mask(ke_identity)[batch.local] if p.mask_shared else None
             terms["ke"] = L.ke_loss(z, p.ke_scale, ignore, w if self.weight_ke else None, batch.offset)
         if want_attn:
@@ -279,9 +303,10 @@ class SemanticShield(Defense):
                              "loss), detached (the model's, no gradient: the KE loss trains the image tower only) "
                              "or frozen (the text tower at the start of training, encoded once)",
                              choices=("live", "detached", "frozen"))
-        ke_image: str = param("live", "image side of the patch-KE alignment: live (the KE loss trains the image tower "
-                              "through the patch tokens and the shared projection) or detached (it does not)",
-                              choices=("live", "detached"))
+        ke_image: str = param("live", "image side of the KE loss: live (it trains the image tower through the patch "
+                              "tokens and the shared projection), detached (it does not), trunk (the tower below "
+                              "the projection only), positives (only the pull toward the image's own KEs)",
+                              choices=("live", "detached", "trunk", "positives"))
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
