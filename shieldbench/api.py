@@ -19,7 +19,7 @@ from shieldbench.errors import UserError
 from shieldbench.fileio import read_json
 from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KINDS, MODELS, load_plugin
 from shieldbench.spec import (DEFAULT_POISON_RATE, PRESET_PLUGIN_DEFAULTS, ExperimentSpec, build_spec, describe_params, load_toml,
-                              merge_tree, parse_overrides, validate_options)
+                              merge_tree, params_from_schema, parse_overrides, validate_options)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -70,6 +70,23 @@ def user_set_keys(*trees: dict[str, Any]) -> dict[str, set[str]]:
 
 def resolve(spec: ExperimentSpec) -> ExperimentSpec:
     """Check every plugin name and fill in the plugins' default parameters."""
+    for reg, name in ((ATTACKS, spec.attack.name), (DEFENSES, spec.defense.name), (DATASETS, spec.data.dataset)):
+        if name not in reg:
+            raise UserError(reg.unknown_message(name))
+    preset = PRESET_PLUGIN_DEFAULTS.get(spec.preset, {})
+    attack_defaults = dict(preset.get("attack", {}).get(spec.attack.name, {}))
+    rate = attack_defaults.pop("poison_rate", DEFAULT_POISON_RATE)
+    if spec.attack.poison_rate is None:
+        spec = replace(spec, attack=replace(spec.attack, poison_rate=rate))
+    attack_given = {**attack_defaults, **spec.attack.options}
+    defense_given = {**preset.get("defense", {}).get(spec.defense.name, {}), **spec.defense.options}
+    # Option values first, from the declared schema where there is one: a bad value is one line
+    # before any plugin module (and torch) is imported.
+    for reg, name, given, prefix in ((ATTACKS, spec.attack.name, attack_given, "attack"),
+                                     (DEFENSES, spec.defense.name, defense_given, "defense")):
+        schema = reg.params_schema(name)
+        if schema is not None:
+            validate_options(params_from_schema(schema), given, prefix)
     attack_cls = ATTACKS.get(spec.attack.name)
     defense_cls = DEFENSES.get(spec.defense.name)
     DATASETS.get(spec.data.dataset)
@@ -78,13 +95,6 @@ def resolve(spec: ExperimentSpec) -> ExperimentSpec:
 
         if spec.model.name not in open_clip.list_models():
             raise UserError(MODELS.unknown_message(spec.model.name) + ", or any open_clip architecture")
-    preset = PRESET_PLUGIN_DEFAULTS.get(spec.preset, {})
-    attack_defaults = dict(preset.get("attack", {}).get(spec.attack.name, {}))
-    rate = attack_defaults.pop("poison_rate", DEFAULT_POISON_RATE)
-    if spec.attack.poison_rate is None:
-        spec = replace(spec, attack=replace(spec.attack, poison_rate=rate))
-    attack_given = {**attack_defaults, **spec.attack.options}
-    defense_given = {**preset.get("defense", {}).get(spec.defense.name, {}), **spec.defense.options}
     attack_opts = asdict(validate_options(attack_cls.Params, attack_given, "attack"))
     defense_opts = asdict(defense_cls(replace(spec.defense, options=defense_given)).params)
     return replace(spec, attack=replace(spec.attack, options=attack_opts),

@@ -6,6 +6,9 @@ time its name is looked up (``Registry.get``).
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KNOWLEDGE, MODELS
 
 BUILTIN_ATTACKS = {
@@ -104,6 +107,15 @@ BUILTIN_METADATA: dict[str, dict[str, dict[str, str]]] = {'attacks': {'badnets':
             'tiny-vit': {'description': 'ViT, patch 8 (16 tokens at 32 px), width 128, 4+4 layers (CPU default)'}}}
 
 
+def builtin_params() -> dict[str, dict[str, list[dict]]]:
+    """The options' schema of each built-in attack and defense (``builtin_params.json``).
+
+    Written by ``python scripts/write_builtin_params.py``; tests/test_cli_light.py
+    checks that it equals each class's own ``Params``.
+    """
+    return json.loads(resources.files("shieldbench").joinpath("builtin_params.json").read_text())
+
+
 def register_builtins() -> None:
     for reg, entries in (
         (ATTACKS, BUILTIN_ATTACKS),
@@ -116,6 +128,9 @@ def register_builtins() -> None:
             if name not in reg._entries:  # already imported modules registered the object
                 reg.add(name, target)
             reg.set_metadata(name, BUILTIN_METADATA[reg.kind][name])
+    for reg in (ATTACKS, DEFENSES):
+        for name, schema in builtin_params()[reg.kind].items():
+            reg.set_params_schema(name, schema)
 
 
 register_builtins()

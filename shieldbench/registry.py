@@ -42,6 +42,7 @@ class Registry(Generic[T]):
         self.base = base
         self._entries: dict[str, T | str] = {}
         self._metadata: dict[str, dict[str, str]] = {}
+        self._schemas: dict[str, list[dict]] = {}
         self._entry_points_loaded = False
 
     def _check(self, name: str, obj: object) -> None:
@@ -73,11 +74,22 @@ class Registry(Generic[T]):
             # A lazy entry being resolved into its object is not a clash.
             if not (isinstance(existing, str) and not isinstance(obj, str)):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
+        elif existing is not None and override:
+            # Another object under the same name: what was declared for the old one no longer holds.
+            self._schemas.pop(name, None)
         self._entries[name] = obj
 
     def set_metadata(self, name: str, meta: dict[str, str]) -> None:
         """What listing shows for a lazy entry (description, paper, threat model) without importing it."""
         self._metadata[name] = dict(meta)
+
+    def set_params_schema(self, name: str, schema: list[dict]) -> None:
+        """The options' schema (:func:`shieldbench.spec.params_schema`) of a lazy entry, to validate without importing it."""
+        self._schemas[name] = list(schema)
+
+    def params_schema(self, name: str) -> list[dict] | None:
+        """The declared options' schema of ``name``, or None (then only the class itself can validate)."""
+        return self._schemas.get(name)
 
     def metadata(self, name: str, load: bool = False) -> dict[str, str]:
         """Description (and paper, threat model) of ``name``.

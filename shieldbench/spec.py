@@ -422,6 +422,37 @@ def validate_options(params_cls: type, options: Mapping[str, Any], prefix: str) 
     return params_cls(**values)
 
 
+def params_schema(params_cls: type) -> list[dict[str, Any]]:
+    """What validating a plugin's options needs, as JSON: each field's name, type, default, range, choices.
+
+    Built-in plugins ship this (``shieldbench/builtin_params.json``) so that a
+    bad option value is answered before the plugin module (and torch) is imported.
+    """
+    out = []
+    for f in fields(params_cls):
+        row: dict[str, Any] = {"name": f.name, "type": f.type if isinstance(f.type, str) else f.type.__name__,
+                               "default": f.default}
+        if "range" in f.metadata:
+            row["range"] = list(f.metadata["range"])
+        if "choices" in f.metadata:
+            row["choices"] = list(f.metadata["choices"])
+        out.append(row)
+    return out
+
+
+def params_from_schema(schema: list[dict[str, Any]], name: str = "Params") -> type:
+    """A frozen ``Params`` dataclass equivalent to the one ``schema`` was made from (for validation)."""
+    specs = []
+    for row in schema:
+        meta: dict[str, Any] = {}
+        if "range" in row:
+            meta["range"] = tuple(row["range"])
+        if "choices" in row:
+            meta["choices"] = tuple(row["choices"])
+        specs.append((row["name"], row["type"], field(default=row["default"], metadata=meta)))
+    return dataclasses.make_dataclass(name, specs, frozen=True)
+
+
 def describe_params(params_cls: type) -> list[dict[str, Any]]:
     """Name, default, allowed values and help of each plugin parameter."""
     out = []

@@ -56,18 +56,38 @@ def test_list_verbose_shows_the_presets_effective_defaults():
     assert all(not isinstance(p["default"], float) or len(repr(p["default"])) <= 8 for p in bn.values())
 
 
-def test_option_errors_load_the_plugin_but_not_open_clip():
-    """A bad option value needs the plugin's Params (torch), not open_clip or transformers."""
+def test_declared_option_schemas_are_the_plugins_own():
+    """builtin_params.json (what validates option values without importing) equals each class's Params."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "write_builtin_params", Path(__file__).resolve().parents[1] / "scripts" / "write_builtin_params.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from shieldbench.builtins import builtin_params
+
+    assert builtin_params() == module.current(), "run: python scripts/write_builtin_params.py"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("defense.lambda_ke=-1", "defense.lambda_ke=-1.0 is out of range"),
+    ("defense.variant=nope", "defense.variant='nope' is not allowed"),
+    ("defense.nope=1", "unknown option defense.nope"),
+    ("attack.size_fraction=2", "attack.size_fraction=2.0 is out of range"),
+])
+def test_option_errors_import_no_torch(option, message):
+    """A bad option value of a built-in is answered from its declared schema: no torch, open_clip, transformers."""
     probe = r"""
 import sys
 from typer.testing import CliRunner
 from shieldbench.cli import app
-res = CliRunner().invoke(app, ["run", "-d", "semantic_shield", "--set", "defense.lambda_ke=-1"])
+res = CliRunner().invoke(app, ["run", "-d", "semantic_shield", "--set", sys.argv[1]])
 print(type(res.exception).__name__, str(res.exception)[:200])
-print(sorted(m for m in ("open_clip", "transformers") if m in sys.modules))
+print(sorted(m for m in ("torch", "open_clip", "transformers") if m in sys.modules))
 """
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", probe, option], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     error, heavy = proc.stdout.strip().splitlines()[-2:]
-    assert error.startswith("UserError") and "lambda_ke" in error
+    assert error.startswith("UserError") and message in error, error
     assert heavy == "[]", heavy
