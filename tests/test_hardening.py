@@ -112,3 +112,87 @@ def test_leaderboard_unknown_metric_and_columnless_csv(tmp_path):
     line = _one_line(subprocess.run([EXE, "leaderboard", "-o", str(tmp_path / "s"), "--no-rebuild"],
                                     capture_output=True, text=True, timeout=300))
     assert "corrupt leaderboard file" in line and "attack" in line
+
+
+# -- the knowledge cache: no line trusted blindly -------------------------------------------------
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tampered_knowledge_cache_lines_are_rejected_and_re_extracted(tmp_path, capsys):
+    from shieldbench.knowledge import make_knowledge_source
+    from shieldbench.knowledge.base import MAX_PHRASE_CHARS, caption_key
+    from shieldbench.knowledge.lexicon import lexicon_knowledge
+
+    caps = ["a red kite in the sky", "a blue tent on grass", "a green star", "a small yellow boat", "an old brown dog"]
+    src = make_knowledge_source("lexicon", k=3, cache_dir=str(tmp_path))
+    truth = src(caps)
+    path = src.cache.path
+    good = _lines(path)
+    assert [r["caption"] for r in good] == caps and capsys.readouterr().err == ""
+
+    wrong_key = dict(good[0], key=caption_key(caps[1]), knowledge=["evil", "evil", "evil"])  # caption 0 under 1's key
+    long_phrase = dict(good[1], knowledge=["x" * 5000, "blue tent", "grass"])
+    too_few = dict(good[2], knowledge=["green star"])
+    # Caption 3 keeps its good line; a later line for it with a phrase one over the bound must not replace it.
+    late_bad = dict(good[3], knowledge=["y" * (MAX_PHRASE_CHARS + 1), "boat", "small"])
+    torn = json.dumps(good[4])[:25]  # a crash mid-write: the last line cut short, no newline
+    path.write_text("\n".join(json.dumps(o) for o in (wrong_key, long_phrase, too_few, good[3], late_bad)) + "\n" + torn)
+
+    calls: list[list[str]] = []
+    again = make_knowledge_source("lexicon", k=3, cache_dir=str(tmp_path))
+    orig = again._extract_batch
+    again._extract_batch = lambda c: calls.append(list(c)) or orig(c)
+    assert again.cache.rejected_lines == 5 and len(again.cache) == 1
+    assert again.cache.rejected == {"key is not the SHA-256 of its caption": 1, "not exactly 3 phrases": 1,
+                                    f"a phrase that is empty, not printable text or over {MAX_PHRASE_CHARS} "
+                                    "characters": 2, "torn or not JSON": 1}
+    out = again(caps)
+    # Exactly the four captions without a valid line are extracted again, and the answers are the true ones.
+    assert calls == [[caps[0], caps[1], caps[2], caps[4]]]
+    assert out == truth == [lexicon_knowledge(c, 3) for c in caps]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "5 line(s) rejected" in err[0] and str(path) in err[0], err
+    # The file now holds one valid line per caption; a third reader warns about nothing and extracts nothing.
+    assert sorted(r["caption"] for r in _lines(path)) == sorted(caps)
+    third = make_knowledge_source("lexicon", k=3, cache_dir=str(tmp_path))
+    third._extract_batch = lambda c: pytest.fail(f"re-extracted {c}")
+    assert third(caps) == truth and third.cache.rejected_lines == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('["a list"]', "not a JSON object"),
+    ('{"key": "k", "knowledge": ["a", "b", "c"]}', "no caption text"),
+    ('{"caption": "a dog", "knowledge": ["a", "b", "c"]}', "key is not"),  # no key at all
+    ('{"caption": "a dog", "key": "KEY", "knowledge": ["a", "", "c"]}', "a phrase"),
+    ('{"caption": "a dog", "key": "KEY", "knowledge": ["a", "b", 7]}', "a phrase"),
+    ('{"caption": "a dog", "key": "KEY", "knowledge": ["a", "b\\u0000", "c"]}', "a phrase"),
+    ('{"caption": "a dog", "key": "KEY", "knowledge": "a, b, c"}', "not exactly 3"),
+    ('{"caption": "a dog", "key": "KEY", "knowledge": ["a", "b", "c", "d"]}', "not exactly 3"),
+    ('{"caption": "a dog", "key": "KEY", "knowledge": ["a", "b", "c"], "found": "a"}', "found"),
+    ('{"caption": "a dog", "key": "KEY", "knowledge": ["a", "b", "c"], "flagged": "no"}', "flagged"),
+])
+def test_each_kind_of_bad_cache_line_is_named(tmp_path, line, reason):
+    from shieldbench.knowledge.base import KnowledgeCache, caption_key
+
+    path = tmp_path / "c.jsonl"
+    ok = {"caption": "a cat", "key": caption_key("a cat"), "knowledge": ["fur", "whiskers", "tail"]}
+    path.write_text(json.dumps(ok) + "\n" + line.replace("KEY", caption_key("a dog")) + "\n")
+    cache = KnowledgeCache(path, k=3)
+    assert "a cat" in cache and "a dog" not in cache and cache.rejected_lines == 1
+    assert reason in next(iter(cache.rejected)), cache.rejected
+
+
+def test_a_source_never_writes_a_line_its_reader_would_reject(tmp_path):
+    from shieldbench.knowledge import make_knowledge_source
+    from shieldbench.knowledge.base import MAX_PHRASE_CHARS, KnowledgeCache
+
+    ke = tmp_path / "ke.jsonl"
+    ke.write_text(json.dumps({"caption": "a dog", "knowledge": ["z" * (MAX_PHRASE_CHARS + 1), "fur", "ctrl\u0007x"]}))
+    src = make_knowledge_source("file", k=3, path=str(ke), cache_dir=str(tmp_path / "cache"))
+    (out,) = src(["a dog"])
+    assert out[0] == "fur" and all(len(p) <= MAX_PHRASE_CHARS and p.isprintable() for p in out)
+    assert src.flagged(["a dog"])  # only one usable phrase was found: flagged, padded from the caption's words
+    assert KnowledgeCache(src.cache.path, k=3).rejected_lines == 0
