@@ -196,3 +196,60 @@ def test_a_source_never_writes_a_line_its_reader_would_reject(tmp_path):
     assert out[0] == "fur" and all(len(p) <= MAX_PHRASE_CHARS and p.isprintable() for p in out)
     assert src.flagged(["a dog"])  # only one usable phrase was found: flagged, padded from the caption's words
     assert KnowledgeCache(src.cache.path, k=3).rejected_lines == 0
+
+
+# -- knowledge extract: the captions file is read as written, never re-split -------------------------
+
+ONE_COLUMN = ('caption\na red kite, flying high\n"a dog, a cat and a ""ball"""\na blue tent\n\n'
+              'stripes, dots, and a star\n')
+
+
+@pytest.mark.parametrize("name, text, column, expected", [
+    ("one.csv", ONE_COLUMN, "caption",
+     ["a red kite, flying high", 'a dog, a cat and a "ball"', "a blue tent", "stripes, dots, and a star"]),
+    # Every line holds a "t", the letter pandas' sniffer split the header "caption" at.
+    ("plain.csv", "caption\na red kite\na blue tent\na green star\n", "caption",
+     ["a red kite", "a blue tent", "a green star"]),
+    ("two.tsv", "id\ttext\n1\ta red kite, flying high\n2\ta dog; a cat\n3\tthe end, at last.\n", "text",
+     ["a red kite, flying high", "a dog; a cat", "the end, at last."]),
+    ("two.txt", "caption\tother\na, b, c\t1\nd, e\t2\n", "caption", ["a, b, c", "d, e"]),
+    ("two.csv", 'filepath,caption\nx.jpg,"a dog, running"\ny.jpg,a cat\n', "caption", ["a dog, running", "a cat"]),
+    ("bom.csv", "\ufeffcaption\na dog, a cat\n", "caption", ["a dog, a cat"]),
+])
+def test_captions_files_are_not_mis_split(tmp_path, name, text, column, expected):
+    from shieldbench.knowledge import make_knowledge_source
+    from shieldbench.knowledge.cli import extract_file, read_captions
+
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    assert read_captions(path, column) == expected
+    out = tmp_path / "ke.jsonl"
+    res = extract_file(path, "unused", out, column=column, show_progress=False,
+                       source=make_knowledge_source("lexicon", k=3, cache_file=str(out)))
+    assert res["new"] == len(expected) and [r["caption"] for r in _lines(out)] == expected
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("id\tcaption\n1\ta dog\n2\ta cat\textra\n", ":3: 3 fields where the header has 2"),
+    ("id,caption\n1,a dog, a cat\n", ":2: 3 fields where the header has 2 (delimiter ','); quote"),
+    ("id,text\n1,a dog\n", "no column 'caption'; columns: id, text"),
+    ("", "empty"),
+])
+def test_a_captions_file_that_does_not_fit_its_header_is_one_line(tmp_path, text, needle):
+    from shieldbench.knowledge.cli import read_captions
+
+    path = tmp_path / "c.csv"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        read_captions(path, "caption")
+    assert needle in str(info.value)
+
+
+@needs_cli
+def test_cli_extract_refuses_a_ragged_tsv_in_one_line(tmp_path):
+    (tmp_path / "c.tsv").write_text("id\tcaption\n1\ta dog\n2\ta cat\textra\n")
+    line = _one_line(subprocess.run([EXE, "knowledge", "extract", "--captions", "c.tsv", "--model", "none",
+                                     "--out", "o.jsonl"], cwd=tmp_path, capture_output=True, text=True, timeout=300))
+    assert "c.tsv:3: 3 fields where the header has 2" in line
+    assert not (tmp_path / "o.jsonl").exists()
+

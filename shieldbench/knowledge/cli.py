@@ -10,6 +10,8 @@ It doubles as the cache: a rerun skips every caption already in ``--out``
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 from typing import Optional
 
@@ -22,19 +24,82 @@ knowledge_app = typer.Typer(help="Knowledge elements for Semantic Shield.", no_a
 _err = Console(stderr=True)
 
 
-def read_captions(path: Path, column: str) -> list[str]:
-    """Captions from a CSV (or TSV) column, in file order; one-line errors."""
-    import pandas as pd
+#: Delimiters tried on the header line, in order: the first whose split names the
+#: caption column is the file's. Tab comes first because a TSV's header never
+#: holds a tab inside a column name, while captions often hold commas.
+_DELIMITERS = ("\t", ",", ";", "|")
 
+
+def _header_fields(line: str, delimiter: str) -> list[str]:
+    return [f.strip() for f in next(csv.reader([line], delimiter=delimiter), [])]
+
+
+def read_captions(path: Path, column: str) -> list[str]:
+    """Captions from a CSV (or TSV) column, in file order; one-line errors.
+
+    The delimiter is not sniffed from the content: ``csv.Sniffer`` (what
+    pandas' ``sep=None`` uses) reads captions as data and picks a letter or a
+    space on a one-column file ("caption" split at "t"). Instead it is the
+    first of tab, comma, semicolon and pipe whose split of the header line
+    names ``column``. A header that is the column name alone makes a
+    one-column file: each line is one caption, commas and all (a caption in
+    double quotes is unquoted as CSV). In a file with several columns, a row
+    with a different number of fields than the header is an error naming its
+    line, never a shifted column.
+    """
     if not path.is_file():
         raise UserError(f"captions file not found: {path}")
     try:
-        df = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read captions file {path}: {exc}") from None
-    if column not in df.columns:
-        raise UserError(f"{path} has no column {column!r}; columns: {', '.join(map(str, df.columns)) or '(none)'}")
-    return [c for c in df[column].astype(str).tolist() if c.strip()]
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark is not in the header
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read captions file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read captions file {path}: {exc.strerror or exc}") from None
+    lines = text.splitlines()
+    header = lines[0] if lines else ""
+    if not header.strip():
+        raise UserError(f"{path} is empty or its first line (the header) is blank; it needs a {column!r} column")
+    if _header_fields(header, "\x1f") == [column]:
+        return _one_column(path, lines[1:])
+    delimiter = next((d for d in _DELIMITERS if column in _header_fields(header, d)), None)
+    if delimiter is None:
+        guess = max(_DELIMITERS, key=lambda d: len(_header_fields(header, d)))
+        raise UserError(f"{path} has no column {column!r}; columns: {', '.join(_header_fields(header, guess))}")
+    names = _header_fields(header, delimiter)
+    at = names.index(column)
+    out: list[str] = []
+    try:
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+        next(reader)
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if len(row) != len(names):
+                raise UserError(f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(names)} "
+                                f"(delimiter {delimiter!r}); quote a field that contains it")
+            if row[at].strip():
+                out.append(row[at])
+    except csv.Error as exc:
+        raise UserError(f"cannot read captions file {path}: line {reader.line_num}: {exc}") from None
+    return out
+
+
+def _one_column(path: Path, lines: list[str]) -> list[str]:
+    """A file whose header is the column alone: one caption per line."""
+    out: list[str] = []
+    for n, line in enumerate(lines, 2):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith('"'):
+            # A CSV writer quotes a caption holding a comma or a quote: undo that.
+            try:
+                fields = next(csv.reader([line.strip()]))
+            except csv.Error as exc:
+                raise UserError(f"cannot read captions file {path}: line {n}: {exc}") from None
+            if len(fields) == 1:
+                line = fields[0]
+        out.append(line)
+    return out
 
 
 def extract_file(captions_csv: Path, model: str, out: Path, k: int = 3, batch_size: int = 8, column: str = "caption",
