@@ -343,12 +343,23 @@ def merge_tree(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set section.key=value`` items as a nested dict; each key may be given once.
+
+    A repeated key is an error, not "the last one wins": with two values on
+    one command line (often one from a script's defaults and one typed) either
+    reading is a guess, and the run would be recorded under the one not meant.
+    """
     tree: dict[str, Any] = {}
+    seen: dict[str, str] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected section.key=value")
-        merge_tree(tree, key.strip(), parse_scalar(raw.strip()))
+        key = key.strip()
+        if key in seen:
+            raise UserError(f"--set {key} is given twice ({seen[key]!r} and {raw.strip()!r}); give each key once")
+        seen[key] = raw.strip()
+        merge_tree(tree, key, parse_scalar(raw.strip()))
     return tree
 
 

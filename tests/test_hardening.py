@@ -253,3 +253,21 @@ def test_cli_extract_refuses_a_ragged_tsv_in_one_line(tmp_path):
     assert "c.tsv:3: 3 fields where the header has 2" in line
     assert not (tmp_path / "o.jsonl").exists()
 
+
+# -- --set: a key given twice is an error, never "the last wins" -------------------------------------
+
+def test_a_set_key_given_twice_is_an_error_naming_it():
+    with pytest.raises(UserError, match=r"--set train\.lr is given twice \('0\.1' and '0\.2'\)"):
+        parse_overrides(["train.lr=0.1", "train.lr=0.2"])
+    with pytest.raises(UserError, match="seed is given twice"):
+        parse_overrides(["seed=1", " seed = 1"])  # the same value twice too: one rule, no guessing
+    tree = parse_overrides(["train.lr=0.1", "base.lr=0.2", "attack.size=3", "attack.poison_rate=0.1"])
+    assert tree == {"train": {"lr": 0.1}, "base": {"lr": 0.2}, "attack": {"size": 3, "poison_rate": 0.1}}
+
+
+@needs_cli
+def test_cli_set_key_given_twice_is_one_line(tmp_path):
+    proc = subprocess.run([EXE, "run", "--preset", "smoke", "--set", "train.lr=0.1", "--set", "train.lr=0.2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "--set train.lr is given twice" in _one_line(proc)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
