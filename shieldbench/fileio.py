@@ -35,6 +35,25 @@ def temp_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def sweep_temps(folder: str | Path, names: tuple[str, ...] = ()) -> int:
+    """Remove the temp files :func:`temp_beside` left in ``folder`` (of ``names`` only, if given); how many.
+
+    A write killed between the temp file and the rename (SIGKILL, power loss)
+    leaves ``.<name>.<random>.tmp`` behind. Call this only holding the lock
+    that every writer of those files holds: then none of them is being
+    written by a live process.
+    """
+    folder = Path(folder)
+    patterns = [f".{n}.*.tmp" for n in names] if names else [".*.tmp"]
+    n_removed = 0
+    for pattern in patterns:
+        for tmp in folder.glob(pattern):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                n_removed += 1
+    return n_removed
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = temp_beside(path)

@@ -140,6 +140,8 @@ def test_tampered_knowledge_cache_lines_are_rejected_and_re_extracted(tmp_path, 
     torn = json.dumps(good[4])[:25]  # a crash mid-write: the last line cut short, no newline
     path.write_text("\n".join(json.dumps(o) for o in (wrong_key, long_phrase, too_few, good[3], late_bad)) + "\n" + torn)
 
+    stale = path.parent / f".{path.name}.k1ll.tmp"  # a compaction killed mid-write
+    stale.write_text("half")
     calls: list[list[str]] = []
     again = make_knowledge_source("lexicon", k=3, cache_dir=str(tmp_path))
     orig = again._extract_batch
@@ -156,6 +158,7 @@ def test_tampered_knowledge_cache_lines_are_rejected_and_re_extracted(tmp_path, 
     assert len(err) == 1 and "5 line(s) rejected" in err[0] and str(path) in err[0], err
     # The file now holds one valid line per caption; a third reader warns about nothing and extracts nothing.
     assert sorted(r["caption"] for r in _lines(path)) == sorted(caps)
+    assert not stale.exists()
     third = make_knowledge_source("lexicon", k=3, cache_dir=str(tmp_path))
     third._extract_batch = lambda c: pytest.fail(f"re-extracted {c}")
     assert third(caps) == truth and third.cache.rejected_lines == 0

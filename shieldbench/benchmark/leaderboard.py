@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from shieldbench.locks import locked
-from shieldbench.fileio import atomic_write_text
+from shieldbench.fileio import atomic_write_text, sweep_temps
 
 GROUP = ["attack", "defense", "model", "dataset", "preset"]
 HEADLINE = [
@@ -212,12 +212,18 @@ def long_frame(board: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*ids, "metric", *STATS])
 
 
+#: The files :func:`rebuild` writes, under ``.leaderboard.lock`` alone.
+LEADERBOARD_FILES = ("runs.csv", "leaderboard.csv", "leaderboard_long.csv")
+
+
 def rebuild(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rewrite runs.csv, leaderboard.csv and its tidy form leaderboard_long.csv from the records (atomically)."""
     results_dir = Path(results_dir)
     # Under a lock: two writers finishing together would otherwise each write a
     # leaderboard from the records they saw, and the later, staler one could win.
     with locked(results_dir / ".leaderboard.lock"):
+        # These files are written under this lock alone: a temp file of theirs is a killed write's.
+        sweep_temps(results_dir, LEADERBOARD_FILES)
         runs = runs_frame(load_records(results_dir))
         board = leaderboard_frame(runs)
         atomic_write_text(results_dir / "runs.csv", runs.to_csv(index=False))

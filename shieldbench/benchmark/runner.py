@@ -52,7 +52,7 @@ from shieldbench.data.views import TrainView
 from shieldbench.defenses.base import Defense, DefenseContext
 from shieldbench.errors import UserError
 from shieldbench.evaluation.evaluate import TargetImages, evaluate
-from shieldbench.fileio import atomic_write_json, atomic_write_text, read_json
+from shieldbench.fileio import atomic_write_json, atomic_write_text, read_json, sweep_temps
 from shieldbench.knowledge import knowledge_source_for
 from shieldbench.models.clip import ClipModel
 from shieldbench.models.factory import build_model
@@ -116,8 +116,12 @@ class RunContext:
         return self.store.lock(kind, key) if D.is_main() else contextlib.nullcontext()
 
     def has_model(self, kind: str, key: str) -> bool:
-        """Whether the artifact is finished, as rank 0 sees it (so every rank takes the same branch)."""
-        return bool(D.broadcast_object(self.store.has_model(kind, key) if D.is_main() else None))
+        """Whether the artifact is finished and intact, as rank 0 sees it (so every rank takes the same branch).
+
+        Rank 0 holds the artifact's lock here: a file that does not match its
+        manifest is removed and the stage builds it again.
+        """
+        return bool(D.broadcast_object(self.store.finished_model(kind, key) if D.is_main() else None))
 
     def save_model(self, kind: str, key: str, model: ClipModel, meta: dict[str, Any]) -> None:
         if D.is_main():
@@ -177,14 +181,17 @@ def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
     key = plan_key(spec)
     # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
     with rc.store.lock("plans", key):
-        cached = rc.store.load_json("plans", key, "plan.json")
+        cached = rc.store.finished_json("plans", key, "plan.json")
         if cached is not None:
             try:
                 plan = PoisonPlan.from_dict(cached)
-            except TypeError as exc:
-                raise UserError(f"corrupt poison plan {rc.store.json_path('plans', key, 'plan.json')}: {exc}") from exc
-            attack.restore(plan)
-            return plan, True
+            except (TypeError, KeyError, ValueError, AttributeError) as exc:
+                # A derived artifact (only one without a manifest can get here): planned again.
+                rc.store.discard("plans", key, ("plan.json",), f"plan.json does not parse as a plan ({exc})")
+            else:
+                # restore() refuses, naming the path, a user's file that changed since (a key image).
+                attack.restore(plan)
+                return plan, True
         # Not keyed by the attack name: `none` and `badnets` with one seed share the
         # trigger pattern, so the control row measures the very trigger BadNets uses.
         plan = attack.plan(derive_seed(spec.seed, "attack"))
@@ -282,7 +289,7 @@ def evaluate_base_model(rc: RunContext, base: ClipModel, bundle: DatasetBundle, 
     key = base_eval_key(spec, plan.hash())
     # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
     with rc.store.lock("base_eval", key):
-        cached = rc.store.load_json("base_eval", key, "metrics.json")
+        cached = rc.store.finished_json("base_eval", key, "metrics.json")
         if cached is not None:
             return cached
         metrics = run_evaluation(rc, base, bundle, attack, plan)
@@ -333,6 +340,9 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
     console = console or Console(stderr=True)
     run_id = run_id_for(spec)
     rpath = record_path(results_dir, run_id)
+    if D.is_main() and rpath.parent.is_dir():
+        # Held: the cell's lock, under which alone its record and log are written; a temp file here is a killed write's.
+        sweep_temps(rpath.parent, ("record.json", "train_log.csv"))
     if not force:
         done = D.broadcast_object(finished_record(spec, results_dir) if D.is_main() else None)
         if done is not None:

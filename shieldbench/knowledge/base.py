@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterable, Sequence
 
-from shieldbench.fileio import atomic_write_text
+from shieldbench.fileio import atomic_write_text, sweep_temps
 from shieldbench.locks import locked
 
 __all__ = [
@@ -347,6 +347,8 @@ class KnowledgeSource:
         if self._cache.path is None or (not self.missing(captions) and not self._cache.rejected_lines):
             return self._run(captions, progress, limit)
         with locked(str(self._cache.path) + ".lock"):
+            # Compaction writes the file under this lock alone: a temp file of it is a killed write's.
+            sweep_temps(self._cache.path.parent, (self._cache.path.name,))
             self._cache = KnowledgeCache(self._cache.path, self.k)
             self._report_rejects()
             if self._cache.rejected_lines:
