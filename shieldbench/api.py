@@ -11,7 +11,7 @@ and presets answer without them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -19,7 +19,8 @@ from shieldbench.errors import UserError
 from shieldbench.fileio import read_json
 from shieldbench.registry import ATTACKS, DATASETS, DEFENSES, KINDS, MODELS, load_plugin
 from shieldbench.spec import (DEFAULT_POISON_RATE, PRESET_PLUGIN_DEFAULTS, ExperimentSpec, build_spec, describe_params, load_toml,
-                              merge_tree, params_from_schema, parse_overrides, validate_options)
+                              keyed_options, merge_tree, params_from_schema, parse_overrides,
+                              validate_options)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -95,8 +96,8 @@ def resolve(spec: ExperimentSpec) -> ExperimentSpec:
 
         if spec.model.name not in open_clip.list_models():
             raise UserError(MODELS.unknown_message(spec.model.name) + ", or any open_clip architecture")
-    attack_opts = asdict(validate_options(attack_cls.Params, attack_given, "attack"))
-    defense_opts = asdict(defense_cls(replace(spec.defense, options=defense_given)).params)
+    attack_opts = keyed_options(validate_options(attack_cls.Params, attack_given, "attack"))
+    defense_opts = keyed_options(defense_cls(replace(spec.defense, options=defense_given)).params)
     return replace(spec, attack=replace(spec.attack, options=attack_opts),
                    defense=replace(spec.defense, options=defense_opts))
 

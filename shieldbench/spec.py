@@ -433,6 +433,15 @@ def validate_options(params_cls: type, options: Mapping[str, Any], prefix: str) 
     return params_cls(**values)
 
 
+def keyed_options(params: Any) -> dict[str, Any]:
+    """A plugin's resolved options as they enter the spec: every field, except ``added`` ones at their default."""
+    out = dataclasses.asdict(params)
+    for f in fields(params):
+        if f.metadata.get("added") and out[f.name] == f.default:
+            del out[f.name]
+    return out
+
+
 def params_schema(params_cls: type) -> list[dict[str, Any]]:
     """What validating a plugin's options needs, as JSON: each field's name, type, default, range, choices.
 
@@ -481,9 +490,19 @@ def describe_params(params_cls: type) -> list[dict[str, Any]]:
 
 
 def param(default: Any, help: str = "", *, lo: float | None = None, hi: float | None = None,
-          lo_open: bool = False, choices: tuple[str, ...] | None = None) -> Any:
-    """A plugin parameter with its default, allowed values and help text."""
+          lo_open: bool = False, choices: tuple[str, ...] | None = None, added: bool = False) -> Any:
+    """A plugin parameter with its default, allowed values and help text.
+
+    ``added``: an option added to a plugin after runs were recorded, whose
+    default reproduces the earlier code exactly. While it is at its default it
+    is left out of the resolved spec (:func:`keyed_options`), so run ids and
+    cache keys of earlier runs stay valid; any other value is in them as
+    usual. Changing such an option's default later moves numbers, so it needs
+    the plugin's ``version`` bumped (as any change that moves numbers does).
+    """
     meta: dict[str, Any] = {"help": help}
+    if added:
+        meta["added"] = True
     if choices:
         meta["choices"] = choices
     if lo is not None or hi is not None:

@@ -47,6 +47,25 @@ def test_mil_scores_by_hand():
     assert torch.allclose(z, torch.tensor([[0.5, 0.4], [0.7, 0.6]]))
     own = L.own_alignment(S_ALL, KE_INDEX)
     assert torch.allclose(own[1], torch.tensor([[0.6, 0.1], [0.1, 0.2]]))
+    # ke_pool=mean: each KE's best patch, averaged over the caption's KEs.
+    z_mean = L.mil_scores(S_ALL, KE_INDEX, "mean")
+    assert torch.allclose(z_mean, torch.tensor([[0.4, 0.2], [0.45, 0.4]]))
+
+
+def test_set_scores_by_hand():
+    # A[i, j] = mean over patches of the best cosine with caption j's KEs.
+    # image 0: patch 0 -> caption 0: max(0.1, 0.5)=0.5, caption 1: max(-0.2, 0)=0; patch 1 -> 0.3, 0.4
+    # image 1: patch 0 -> 0.2, 0.6; patch 1 -> 0.7, 0.2
+    a = L.set_alignment(S_ALL, KE_INDEX)
+    assert torch.allclose(a, torch.tensor([[0.4, 0.2], [0.45, 0.4]]))
+    # contrast (row z-score): image 0: (0.4 - 0.3) / 0.1 = 1; image 1: (0.4 - 0.425) / 0.025 = -1
+    assert torch.allclose(L.grounding_from_sets(a, "contrast"), torch.tensor([1.0, -1.0]), atol=1e-4)
+    # column (caption i against the batch's images): caption 0: (0.4 - 0.425) / 0.025 = -1;
+    # caption 1: (0.4 - 0.3) / 0.1 = 1; two_way: their mean.
+    assert torch.allclose(L.grounding_from_sets(a, "column"), torch.tensor([-1.0, 1.0]), atol=1e-4)
+    assert torch.allclose(L.grounding_from_sets(a, "two_way"), torch.tensor([0.0, 0.0]), atol=1e-4)
+    with pytest.raises(ValueError, match="square"):
+        L.grounding_from_sets(a[:1], "column", offset=0)
 
 
 def test_ke_loss_by_hand():
@@ -432,3 +451,19 @@ def test_ke_image_positives_sends_only_the_own_ke_pull_into_the_image_tower(mode
     patches.grad = None
     L.ke_loss(L.mil_scores(L.alignment(patches, ke_emb), index), 10.0).backward()
     assert not torch.allclose(got, patches.grad, atol=1e-4)
+
+
+def test_an_added_option_at_its_default_leaves_run_ids_alone():
+    """ke_pool was added after runs were recorded: at its default it is not in the spec, set it is."""
+    from shieldbench.api import resolve
+    from shieldbench.benchmark.runner import run_id_for
+    from shieldbench.spec import ExperimentSpec
+
+    plain = resolve(ExperimentSpec(defense=DefenseSpec("semantic_shield")))
+    explicit = resolve(ExperimentSpec(defense=DefenseSpec("semantic_shield", {"ke_pool": "max"})))
+    other = resolve(ExperimentSpec(defense=DefenseSpec("semantic_shield", {"ke_pool": "mean"})))
+    assert "ke_pool" not in plain.defense.options and plain.defense.options["ke_image"] == "live"
+    assert run_id_for(plain) == run_id_for(explicit) != run_id_for(other)
+    assert other.defense.options["ke_pool"] == "mean"
+    # The defense built from the spec without the key has the default.
+    assert SemanticShield(plain.defense).params.ke_pool == "max"

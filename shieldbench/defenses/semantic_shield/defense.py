@@ -172,10 +172,10 @@ class SemanticShieldObjective(Callback):
         """
         p = self.p
         if p.ke_image == "detached":
-            return L.mil_scores(L.alignment(patches.detach(), ke_emb), ke_index)
-        z = L.mil_scores(s_all, ke_index)
+            return L.mil_scores(L.alignment(patches.detach(), ke_emb), ke_index, p.ke_pool)
+        z = L.mil_scores(s_all, ke_index, p.ke_pool)
         if p.ke_image == "positives":
-            z_text_only = L.mil_scores(L.alignment(patches.detach(), ke_emb), ke_index)
+            z_text_only = L.mil_scores(L.alignment(patches.detach(), ke_emb), ke_index, p.ke_pool)
             own = torch.zeros_like(z, dtype=torch.bool)
             rows = torch.arange(z.shape[0], device=z.device)
             own[rows, rows + offset] = True
@@ -235,6 +235,8 @@ class SemanticShieldObjective(Callback):
         if self.weight_clip:
             terms["clip"] = (w * per_pair_clip_loss(out.embedding.float(), txt.float(), model.logit_scale)).mean()
             logs["w_min"], logs["w_max"] = float(w_all.min()), float(w_all.max())
+            # Share of the batch the gate silences (weight under a tenth of the mean): the pairs that teach nothing.
+            logs["w_gated"] = float((w_all < 0.1).float().mean())
         else:
             terms["clip"] = clip_loss(out.embedding.float(), txt.float(), model.logit_scale)
         if self.use_ke and p.lambda_ke > 0:
@@ -307,6 +309,9 @@ class SemanticShield(Defense):
                               "tokens and the shared projection), detached (it does not), trunk (the tower below "
                               "the projection only), positives (only the pull toward the image's own KEs)",
                               choices=("live", "detached", "trunk", "positives"))
+        ke_pool: str = param("max", "KE loss score of an image and a KE set: max (paper: the best patch-KE pair) or "
+                             "mean (each KE's best patch, averaged over the set: every KE is trained)",
+                             choices=("max", "mean"), added=True)
 
     def __init__(self, spec) -> None:
         super().__init__(spec)

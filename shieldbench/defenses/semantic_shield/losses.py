@@ -32,16 +32,24 @@ def own_alignment(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
     return torch.gather(s_all, 2, idx)
 
 
-def mil_scores(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
+def mil_scores(s_all: torch.Tensor, ke_index: torch.Tensor, pool: str = "max") -> torch.Tensor:
     """z_{ij} = max over patches m of image i and KEs k of caption j of S: (B, B) (rows x ke_index rows).
 
     The diagonal holds each image's score against its own KE set (positives),
     the rest against the other captions' KE sets in the batch (negatives).
+    ``pool="mean"``: the mean over caption j's KEs of each KE's best patch
+    instead of the max over KEs, so every KE gets a gradient, not only the
+    one that matches best.
     """
     best = s_all.amax(dim=1)  # (B, U): best patch of image i for each KE
     b, k = ke_index.shape
     idx = ke_index.to(s_all.device).reshape(1, b * k).expand(best.shape[0], b * k)
-    return torch.gather(best, 1, idx).view(best.shape[0], b, k).amax(dim=2)
+    per_ke = torch.gather(best, 1, idx).view(best.shape[0], b, k)
+    if pool == "max":
+        return per_ke.amax(dim=2)
+    if pool == "mean":
+        return per_ke.mean(dim=2)
+    raise ValueError(f"unknown KE pooling {pool!r}")
 
 
 def shared_ke_mask(ke_index: torch.Tensor) -> torch.Tensor:
@@ -119,17 +127,61 @@ def grounding(s_all: torch.Tensor, ke_index: torch.Tensor, score: str = "own", o
     phrase), which the raw score leaves in: on the training pairs of the
     validation world it ranks poisons below clean pairs with AUC 0.97
     (BadNets, Blended) and 0.93 (WaNet), against 0.86-0.88 for ``own``.
+    ``column`` and ``two_way`` need the whole square matrix: see
+    :func:`grounding_from_sets`.
     """
     with torch.no_grad():
-        a = set_alignment(s_all.detach().float(), ke_index)
+        return grounding_from_sets(set_alignment(s_all.detach().float(), ke_index), score, offset)
+
+
+def grounding_from_sets(a: torch.Tensor, score: str = "own", offset: int = 0) -> torch.Tensor:
+    """The grounding score of each row's own pair from A (rows: images, columns: KE sets); see :func:`grounding`.
+
+    ``column``: (A[i, i] - mean_k A[k, i]) / std_k A[k, i], how far caption
+    i's KEs match its own image above the batch's other images: it removes
+    each *KE set's* offset (a set of shape phrases matches every image
+    weakly, one with a colour phrase matches every image of that colour
+    strongly), which ``contrast`` leaves in. ``two_way``: the mean of the
+    ``contrast`` and ``column`` z-scores. Both need A square (all images and
+    all KE sets of the batch: ``offset`` 0).
+    """
+    with torch.no_grad():
+        a = a.detach().float()
         rows = torch.arange(a.shape[0], device=a.device)
         own = a[rows, rows + offset]
         if score == "own":
             return own
+
+        def z(matrix: torch.Tensor) -> torch.Tensor:
+            std = matrix.std(dim=1, unbiased=False) if matrix.shape[1] > 1 else torch.zeros_like(own)
+            return (own - matrix.mean(dim=1)) / (std + 1e-6)
+
         if score == "contrast":
-            std = a.std(dim=1, unbiased=False) if a.shape[1] > 1 else torch.zeros_like(own)
-            return (own - a.mean(dim=1)) / (std + 1e-6)
+            return z(a)
+        if score in ("column", "two_way"):
+            if a.shape[0] != a.shape[1] or offset != 0:
+                raise ValueError(f"grounding score {score!r} needs the square (all images x all KE sets) matrix")
+            col = z(a.t())
+            return col if score == "column" else 0.5 * (z(a) + col)
         raise ValueError(f"unknown grounding score {score!r}")
+
+
+def phrase_contrast(s_all: torch.Tensor, ke_index: torch.Tensor) -> torch.Tensor:
+    """Per-pair score (B,): how much better image i matches each of its own KEs than the batch's other images do.
+
+    best[i, u] = max over patches of image i of cos(patch, KE u); each KE's
+    column is standardised over the batch's images, and pair i's score is the
+    mean of its own K KEs' z-scores. Unlike the set-level scores it compares
+    a phrase only with itself, so a caption with only shape phrases (which
+    match every image weakly) is not judged against captions with a colour
+    phrase (which match every image of that colour strongly). Needs every
+    image of the batch (all ranks' rows). Under ``no_grad``.
+    """
+    with torch.no_grad():
+        best = s_all.detach().float().amax(dim=1)  # (B, U)
+        std = best.std(dim=0, unbiased=False) if best.shape[0] > 1 else torch.zeros_like(best[0])
+        z = (best - best.mean(dim=0)) / (std + 1e-6)
+        return torch.gather(z, 1, ke_index.to(z.device)).mean(dim=1)
 
 
 def pair_weights(raw: torch.Tensor, temperature: float = 1.0, form: str = "softmax",
