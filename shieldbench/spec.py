@@ -263,6 +263,9 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
                 raise UserError(f"{name}: {value!r} is not a finite number")
             return out
         if typ_name in ("str",):
+            # A number is text the user typed (a class named "7"); a list, table or null is not a name or a path.
+            if value is None or isinstance(value, (list, tuple, dict, Mapping)):
+                raise ValueError
             return str(value)
         if typ_name in ("bool",):
             if isinstance(value, bool):
