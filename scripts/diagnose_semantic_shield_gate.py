@@ -10,7 +10,9 @@ of ``train.batch_size`` (a fixed shuffle) with each grounding score and
 the record's gate (``losses.grounding`` / ``losses.pair_weights``). Prints one JSON
 line per (run, model): the share of clean pairs and of poisons whose weight
 is under a tenth of the mean (``gated``), the AUC of the score for ranking
-poisons below clean pairs, and quantiles of the clean and poison scores.
+poisons below clean pairs, and quantiles of the clean and poison scores; in
+the synthetic world also the gated share of clean pairs whose knowledge
+elements include a colour phrase ("cyan banana") and of those that do not.
 
 The poison flags are used here only, after training, to describe the gate;
 the defense never sees them. Reads the store; writes nothing.
@@ -63,7 +65,8 @@ def scores(model, view, order: torch.Tensor, batch_size: int) -> dict[str, torch
     return out
 
 
-def describe(score: torch.Tensor, is_poison: torch.Tensor, order: torch.Tensor, batch_size: int, params) -> dict:
+def describe(score: torch.Tensor, is_poison: torch.Tensor, order: torch.Tensor, batch_size: int, params,
+             colour: torch.Tensor | None = None) -> dict:
     w = torch.empty_like(score)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -73,7 +76,13 @@ def describe(score: torch.Tensor, is_poison: torch.Tensor, order: torch.Tensor, 
     gated = w < 0.1
     q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
     auc = float(mannwhitneyu(clean.numpy(), poison.numpy()).statistic) / (len(clean) * len(poison)) if len(poison) else None
-    return {"gated_clean": float(gated[~is_poison].float().mean()),
+    by_colour = {}
+    if colour is not None:  # synthetic world: does the caption have a colour phrase ("cyan banana")?
+        for name, mask in (("colour", colour), ("no_colour", ~colour)):
+            by_colour[f"gated_clean_{name}"] = float(gated[~is_poison & mask].float().mean())
+            by_colour[f"n_clean_{name}"] = int((~is_poison & mask).sum())
+        by_colour["n_poison_colour"] = int((is_poison & colour).sum())
+    return {**by_colour, "gated_clean": float(gated[~is_poison].float().mean()),
             "gated_poison": float(gated[is_poison].float().mean()) if len(poison) else None,
             "auc": auc, "n_poison": int(is_poison.sum()),
             "clean_q": [round(float(v), 3) for v in torch.quantile(clean, q)],
@@ -105,6 +114,11 @@ def main(results: Path, wanted: list[str]) -> None:
         view = defense.prepare_data(poisoned.view, ctx)
         order = torch.randperm(len(view), generator=torch.Generator().manual_seed(0))
         flags = torch.as_tensor(poisoned.is_poison, dtype=torch.bool)
+        colour = None
+        if spec.data.dataset == "synthetic":
+            from shieldbench.data.synthetic import COLOURS
+
+            colour = torch.tensor([any(k.split()[0] in COLOURS for k in kes) for kes in view.knowledge])
         for name, model in (("base", base), ("trained", trained)):
             for score_name, s in scores(model, view, order, spec.train.batch_size).items():
                 params = replace(defense.params, weight_score=score_name,
@@ -113,7 +127,7 @@ def main(results: Path, wanted: list[str]) -> None:
                     params = replace(defense.params, weight_score="contrast")
                 row = {"run_id": record["run_id"], "model": name, "score": score_name,
                        "clean_top1": record["metrics"].get("clean_top1"),
-                       **describe(s, flags, order, spec.train.batch_size, params)}
+                       **describe(s, flags, order, spec.train.batch_size, params, colour)}
                 print(json.dumps(row), flush=True)
 
 
