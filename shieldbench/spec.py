@@ -134,6 +134,16 @@ class RuntimeSpec:
     """Also checkpoint training every this many steps (0: at each epoch's end only)."""
     tracker: str = field(default="none", metadata=_choices("none", "tensorboard"))
     """Log every training's loss terms and learning rate per step (``tensorboard``: under ``runs/<run id>/tensorboard``)."""
+    # Speed switches (shieldbench.training.acceleration). At their defaults a training computes
+    # exactly what it computed before they existed; the others change numbers only by rounding.
+    fused_adamw: bool = True
+    """torch's fused AdamW kernel (false: torch's default AdamW, whose rounding differs in the last bits)."""
+    channels_last: bool = False
+    """Image batches and convolution weights in channels-last layout (ResNet towers on GPUs; rounding-level changes on CPU)."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass instead of keeping its activations (less memory, same numbers)."""
+    compile: bool = False
+    """torch.compile the image tower and the text transformer while training (the first steps compile; rounding-level changes)."""
 
 
 @dataclass(frozen=True)

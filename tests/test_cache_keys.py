@@ -62,7 +62,9 @@ def test_base_eval_key_follows_the_test_split():
     assert K.base_eval_key(a, "h") != K.base_eval_key(b, "h")
 
 
-@pytest.mark.parametrize("override", ["runtime.workers=2", "runtime.checkpoint_every=10"])
+@pytest.mark.parametrize("override", ["runtime.workers=2", "runtime.checkpoint_every=10", "runtime.fused_adamw=false",
+                                      "runtime.channels_last=true", "runtime.grad_checkpointing=true",
+                                      "runtime.compile=true"])
 def test_runtime_settings_are_in_no_key(override):
     a, b = _spec(), _spec(overrides=[override])
     assert a.hash() == b.hash()

@@ -58,6 +58,7 @@ from shieldbench.models.clip import ClipModel
 from shieldbench.models.factory import build_model
 from shieldbench.registry import ATTACKS, DEFENSES
 from shieldbench.spec import ExperimentSpec, derive_seed
+from shieldbench.training import acceleration
 from shieldbench.training import distributed as D
 from shieldbench.training import tracking
 from shieldbench.training.trainer import TrainConfig, Trainer, TrainingDiverged, pick_device
@@ -330,7 +331,8 @@ def run_cell(spec: ExperimentSpec, results_dir: str | Path = "results", console:
     tracking.check_available(spec.runtime.tracker)
     lock = locked(results_dir / ".locks" / f"{run_id_for(spec)}.lock") if D.is_main() else contextlib.nullcontext()
     log_dir = results_dir / "runs" / run_id_for(spec) / "tensorboard" if spec.runtime.tracker == "tensorboard" else None
-    with lock, tracking.active(log_dir):
+    # Every Trainer of the cell, a repair defense's own included, takes the runtime's speed switches.
+    with lock, tracking.active(log_dir), acceleration.active(acceleration.Acceleration.from_runtime(spec.runtime)):
         record = _run_cell(spec, results_dir, console, show_progress, force)
     return D.broadcast_object(record)
 

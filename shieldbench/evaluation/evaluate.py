@@ -71,16 +71,28 @@ def readable(emb: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_texts(model: ClipModel, captions: list[str], batch_size: int, device: torch.device) -> torch.Tensor:
+    """Text embeddings, ``batch_size`` captions per pass.
+
+    Tokenised here and not through the model's caption cache: evaluation
+    texts (80 templates x 1,000 classes, a retrieval set's captions) are
+    embedded once, and caching them would only evict the training captions.
+    """
     out = []
     for i in range(0, len(captions), batch_size):
-        tokens = model.tokenize(captions[i : i + batch_size]).to(device)
+        tokens = model.tokenizer(list(captions[i : i + batch_size])).to(device)
         out.append(model.encode_text(tokens).float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def class_embeddings(model: ClipModel, classnames: list[str], templates: list[str], device: torch.device) -> torch.Tensor:
-    """Zero-shot classifier: normalised mean of normalised template embeddings."""
+    """Zero-shot classifier: normalised mean of normalised template embeddings.
+
+    :func:`evaluate` computes it once per model and scores every image batch
+    (clean, triggered, the targeted attack's images) against it; re-embedding
+    the prompts per image batch would cost ``classes x templates`` text
+    passes per batch (80,000 for ImageNet with the OpenAI templates).
+    """
     texts = [t.format(c) for c in classnames for t in templates]
     emb = embed_texts(model, texts, 1024, device)
     return M.zeroshot_classifier(emb.view(len(classnames), len(templates), -1))

@@ -5,8 +5,11 @@ The wrapper owns what every other module needs to agree on:
 - **pixel space**: callers pass float images in ``[0, 1]``; normalisation
   (mean/std) is applied inside :meth:`ClipModel.encode_image`, so triggers and
   attacks never see normalised tensors;
-- **tokenisation**: :meth:`ClipModel.tokenize` with a per-caption cache, since
-  the same captions are tokenised every epoch;
+- **tokenisation**: :meth:`ClipModel.tokenize`, lazily per batch, with a
+  bounded per-caption cache (the most recently used
+  :data:`TOKEN_CACHE_SIZE` captions): a small corpus is tokenised once for
+  all its epochs, and a corpus of millions never holds every caption's
+  tokens (a 77-token row is ~0.7 KB with its tensor; 3M captions would be 2 GB);
 - **extra outputs on request**: patch tokens projected into the joint space
   and the last block's CLS->patch attention (needed by Semantic Shield). ViT
   towers return their tokens for the duration of a call that asks (they are
@@ -16,6 +19,7 @@ The wrapper owns what every other module needs to agree on:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -23,6 +27,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+TOKEN_CACHE_SIZE = 1 << 16
+"""Captions whose tokens :meth:`ClipModel.tokenize` keeps (least recently used dropped first)."""
 
 
 @dataclass
@@ -59,7 +67,8 @@ class ClipModel(nn.Module):
         self.name = name
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-        self._token_cache: dict[str, torch.Tensor] = {}
+        self._token_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.token_cache_size = TOKEN_CACHE_SIZE
         visual = clip.visual
         self.is_vit = hasattr(visual, "transformer") and hasattr(visual, "class_embedding")
 
@@ -69,13 +78,24 @@ class ClipModel(nn.Module):
         return int(getattr(self.clip, "context_length", 77))
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
-        """Token ids (N, context_length), cached per caption string."""
-        missing = [c for c in dict.fromkeys(captions) if c not in self._token_cache]
+        """Token ids (N, context_length), cached per caption string (the most recent ``token_cache_size``)."""
+        cache = self._token_cache
+        unique = list(dict.fromkeys(captions))
+        missing = [c for c in unique if c not in cache]
+        fresh: dict[str, torch.Tensor] = {}
         if missing:
-            toks = self.tokenizer(missing)
-            for c, t in zip(missing, toks):
-                self._token_cache[c] = t
-        return torch.stack([self._token_cache[c] for c in captions])
+            # Each row its own storage: a cached view would keep its whole batch's tensor alive.
+            fresh = {c: t.clone() for c, t in zip(missing, self.tokenizer(missing))}
+        # Looked up before anything is evicted, so a batch larger than the cache still gets every row.
+        rows = [fresh[c] if c in fresh else cache[c] for c in captions]
+        for c in unique:
+            if c in fresh:
+                cache[c] = fresh[c]
+            else:
+                cache.move_to_end(c)
+        while len(cache) > self.token_cache_size:
+            cache.popitem(last=False)
+        return torch.stack(rows)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(tokens.to(self.pixel_mean.device))
@@ -109,11 +129,22 @@ class ClipModel(nn.Module):
         # The tower computes its tokens anyway; asking it to return them is free.
         # The flag is set per call so that open_clip's own API keeps its contract.
         visual.output_tokens = True
+        # Activation checkpointing (runtime.grad_checkpointing) would recompute the blocks in the
+        # backward pass without the capture hooks, i.e. on another attention path than the forward's:
+        # a call that captures attention keeps its image tower's activations instead.
+        trunk = visual.transformer
+        suspend = attention and bool(getattr(trunk, "grad_checkpointing", False))
+        if suspend:
+            trunk.grad_checkpointing = False
         try:
             with self._attention_capture(attention) as store:
-                pooled, tokens = visual(x)
+                # A compiled tower (runtime.compile) would not run the capture hooks: a call that
+                # captures attention runs the tower's eager forward (its blocks are not compiled).
+                pooled, tokens = visual.forward(x) if attention else visual(x)
         finally:
             visual.output_tokens = False
+            if suspend:
+                trunk.grad_checkpointing = True
         proj_patches = None
         if patches:
             proj = visual.proj

@@ -27,7 +27,12 @@ def exclude_from_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters, with open_clip's no-decay groups.
+
+    ``fused`` (``runtime.fused_adamw``): torch's fused kernel where the device
+    has one, else torch's default implementation.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -39,7 +44,9 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     ]
     # CLIP's betas and eps (Radford et al.), as in open_clip's training script.
     # The fused kernel is several times faster on CPU for the large token table.
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    except (RuntimeError, TypeError):  # older torch or unsupported device
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+        except (RuntimeError, TypeError):  # older torch or unsupported device
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)

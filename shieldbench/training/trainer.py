@@ -10,7 +10,10 @@ no-decay rule, per-step warmup + cosine LR, gradient clipping, the
 logit-scale clamp at 100, bf16 autocast on CUDA, a NaN guard, checkpoints at
 each epoch's end (and every ``checkpoint_every`` steps) with resume, a count
 of unreadable images (skipped, or the run fails, by policy), the time spent
-waiting for data, and a rich progress bar.
+waiting for data, and a rich progress bar. The ``runtime`` speed switches
+(fused AdamW, channels-last, activation checkpointing, ``torch.compile``;
+:mod:`shieldbench.training.acceleration`) are applied for the duration of
+``fit``; at their defaults the weights are those of the plain loop.
 
 Under ``torchrun`` (:mod:`shieldbench.training.distributed`) the same loop is
 data parallel: each rank reads its share of every global batch, the
@@ -37,6 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shieldbench.data.loader import EpochBatchSampler, RowBatch, default_workers, make_loader
 from shieldbench.data.views import TrainView
 from shieldbench.models.clip import ClipModel
+from shieldbench.training import acceleration
 from shieldbench.training import distributed as D
 from shieldbench.training import tracking
 from shieldbench.training.checkpoint import atomic_torch_save, safe_load
@@ -88,6 +92,8 @@ class TrainConfig:
     """An unreadable image: ``skip`` (left out of its batch and counted) or ``fail``."""
     checkpoint_every: int = 0
     """Also checkpoint every this many steps (0: at each epoch's end only)."""
+    accel: acceleration.Acceleration | None = None
+    """Speed switches; None: those of the enclosing :func:`acceleration.active` block (the defaults outside one)."""
 
     @classmethod
     def from_spec(cls, spec, seed: int, on_error: str = "skip", runtime=None) -> "TrainConfig":
@@ -98,6 +104,7 @@ class TrainConfig:
             precision=spec.precision, seed=seed, on_error=on_error,
             workers=-1 if runtime is None else runtime.workers,
             checkpoint_every=0 if runtime is None else runtime.checkpoint_every,
+            accel=None if runtime is None else acceleration.Acceleration.from_runtime(runtime),
         )
 
 
@@ -170,7 +177,9 @@ class Trainer:
         self.sampler = EpochBatchSampler(n, self.batch_size, config.seed, self.rank, self.world_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
+        self.accel = config.accel if config.accel is not None else acceleration.current()
+        self._image_format = acceleration.image_format(self.accel)
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay, fused=self.accel.fused_adamw)
         self.step = 0
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -191,6 +200,8 @@ class Trainer:
         index = rows.index
         captions = self.data.captions_at(index)
         images = rows.images.to(self.device, non_blocking=True).float().div_(255.0)
+        if self._image_format is not torch.contiguous_format:
+            images = images.contiguous(memory_format=self._image_format)
         batch = Batch(
             images=images,
             captions=captions,
@@ -270,6 +281,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         start = time.perf_counter()
         self.model.to(self.device)
+        with acceleration.applied(self.model, self.accel):
+            return self._fit(start)
+
+    def _fit(self, start: float) -> TrainResult:
         start_epoch = self._resume()
         for cb in self.callbacks:
             cb.on_train_start(self)
