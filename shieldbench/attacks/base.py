@@ -48,6 +48,11 @@ class AttackContext:
     surrogate: "Callable[[], ClipModel] | None" = None
     """Returns a copy of the clean base model, for attacks that optimise
     their poisons against a surrogate (label-consistent PGD hardening)."""
+    knowledge_source: "Callable[[list[str]], list[tuple[str, ...]]] | None" = None
+    """The dataset's knowledge source (the one a knowledge-based defense would
+    use, with the same cache), for attacks that know the defense
+    (``ke_adaptive``); None when the dataset has none."""
+    knowledge_k: int = 3
 
 
 @dataclass

@@ -168,13 +168,32 @@ def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, 
                        "resumed_from_epoch": result.resumed_from_epoch}
 
 
-def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | None = None) -> Attack:
-    """The attack over the bundle's training pairs (the zero-shot set is the targeted attack's pool)."""
+def make_attack(spec: ExperimentSpec, bundle: DatasetBundle, base: ClipModel | None = None,
+                knowledge_cache_dir: str | None = None) -> Attack:
+    """The attack over the bundle's training pairs (the zero-shot set is the targeted attack's pool).
+
+    The knowledge source is built lazily by the attacks that ask for it (a
+    defense-aware attack), with the knowledge cache a defense would use.
+    """
     cls = ATTACKS.get(spec.attack.name)
     surrogate = (lambda: copy.deepcopy(base).eval()) if base is not None else None
     ctx = AttackContext(train=bundle.train, classnames=bundle.classnames, templates=bundle.templates,
-                        target_pool=bundle.test, image_size=spec.data.image_size, surrogate=surrogate)
+                        target_pool=bundle.test, image_size=spec.data.image_size, surrogate=surrogate,
+                        knowledge_source=_lazy_knowledge(spec, knowledge_cache_dir), knowledge_k=spec.data.knowledge_k)
     return cls(spec.attack, ctx)
+
+
+def _lazy_knowledge(spec: ExperimentSpec, cache_dir: str | None) -> Callable[[list[str]], list[tuple[str, ...]]] | None:
+    """The dataset's knowledge source, made on first use (an LLM source is not loaded for attacks that never ask)."""
+    if spec.data.dataset != "synthetic" and not getattr(spec.data, "knowledge_source", None):
+        return None
+    made: list[Any] = []
+
+    def source(captions: list[str]) -> list[tuple[str, ...]]:
+        if not made:
+            made.append(knowledge_source_for(spec.data, cache_dir=cache_dir))
+        return made[0](captions)
+    return source
 
 
 def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
@@ -375,7 +394,7 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         base, base_info = train_base_model(rc, bundle)
         timings["base_train_s"] = base_info["seconds"]
         record["artifacts"]["base"] = {k: v for k, v in base_info.items() if k != "history"}
-        attack = make_attack(spec, bundle, base)
+        attack = make_attack(spec, bundle, base, str(results_dir / "cache" / "knowledge"))
         t = time.perf_counter()
         with D.rank_zero_first(), rc.status(f"poison plan: {spec.attack.name}"):
             # Rank 0 plans and saves; the others read the saved plan.
