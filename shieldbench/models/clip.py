@@ -9,7 +9,8 @@ The wrapper owns what every other module needs to agree on:
   bounded per-caption cache (the most recently used
   :data:`TOKEN_CACHE_SIZE` captions): a small corpus is tokenised once for
   all its epochs, and a corpus of millions never holds every caption's
-  tokens (a 77-token row is ~0.7 KB with its tensor; 3M captions would be 2 GB);
+  tokens (a cached 77-token row takes ~1.5 KB with its tensor, measured:
+  3M captions would take ~4.5 GB, the bound ~100 MB);
 - **extra outputs on request**: patch tokens projected into the joint space
   and the last block's CLS->patch attention (needed by Semantic Shield). ViT
   towers return their tokens for the duration of a call that asks (they are
