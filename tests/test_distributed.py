@@ -128,7 +128,8 @@ def test_torchrun_cli_run_writes_one_record_equal_to_one_process(tmp_path):
     again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "-m", "shieldbench", *cell, "-o", "two"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=600)
-    assert again.returncode == 0 and json.loads(again.stdout)["reused_record"] is True
+    assert again.returncode == 0, f"exit {again.returncode}: {again.stderr[-3000:]}"
+    assert json.loads(again.stdout)["reused_record"] is True
 
 
 def test_grid_refuses_to_run_under_torchrun(tmp_path):
