@@ -31,7 +31,10 @@ HEADLINE = [
     "clean_top1", "clean_top5", "asr", "asr_base_model", "asr_top5", "robust_acc", "hit@1", "hit@5", "hit@10",
     "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
     "poison_success", "poison_success_base_model", "poison_hit@1", "poison_mean_rank",
-    "asr_before_repair", "clean_top1_before_repair", "train_s", "cost_train_s", "total_s", "peak_memory_mb",
+    "asr_before_repair", "clean_top1_before_repair",
+    # A defense that reports suspicion scores (the runner scores them against the poison flags).
+    "detection_auroc", "detection_precision", "detection_recall", "detection_n_dropped",
+    "train_s", "cost_train_s", "total_s", "peak_memory_mb",
 ]
 
 
@@ -149,7 +152,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 # Metrics that are not fractions, with the range they live in.
 BOUNDS: dict[str, tuple[float, float]] = {
     "train_s": (0.0, math.inf), "cost_train_s": (0.0, math.inf), "total_s": (0.0, math.inf),
-    "peak_memory_mb": (0.0, math.inf), "poison_mean_rank": (1.0, math.inf),
+    "peak_memory_mb": (0.0, math.inf), "poison_mean_rank": (1.0, math.inf), "detection_n_dropped": (0.0, math.inf),
 }
 
 

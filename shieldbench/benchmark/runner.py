@@ -38,6 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
@@ -52,6 +53,7 @@ from shieldbench.data.views import TrainView
 from shieldbench.defenses.base import Defense, DefenseContext
 from shieldbench.errors import UserError
 from shieldbench.evaluation.evaluate import TargetImages, evaluate
+from shieldbench.evaluation.metrics import detection_metrics
 from shieldbench.fileio import atomic_write_json, atomic_write_text, read_json, sweep_temps
 from shieldbench.knowledge import knowledge_source_for
 from shieldbench.models.clip import ClipModel
@@ -219,16 +221,43 @@ def plan_attack(rc: RunContext, attack: Attack) -> tuple[PoisonPlan, bool]:
         return plan, False
 
 
-def defense_context(rc: RunContext, phase: str) -> DefenseContext:
+def defense_context(rc: RunContext, phase: str, reference: ClipModel | None = None) -> DefenseContext:
+    """The defense's context for ``phase``; ``reference`` (the clean base model) backs ``ctx.reference_model``.
+
+    The factory hands out a fresh eval-mode copy on each call, so a defense
+    that fine-tunes or moves its copy cannot change the model the victim
+    starts from (nor the next copy).
+    """
     spec = rc.spec
+    factory = None
+    if reference is not None:
+        def factory() -> ClipModel:
+            return copy.deepcopy(reference).eval()
     return DefenseContext(
         seed=derive_seed(spec.seed, "defense", phase), train=spec.train, device=rc.device,
         knowledge_k=spec.data.knowledge_k, knowledge_source=knowledge_source_for(spec.data),
         cache_dir=str(rc.results_dir / "cache" / "knowledge"), show_progress=rc.show_progress,
+        reference_model=factory,
     )
 
 
-def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defense) -> tuple[ClipModel, dict[str, Any]]:
+def detection_from(ctx: DefenseContext, view: TrainView, is_poison: np.ndarray | None) -> dict[str, Any] | None:
+    """Detection metrics of any defense that reported suspicion scores, against the flags the runner holds."""
+    report = ctx.suspicion()
+    if report is None or is_poison is None:
+        return None
+    if len(report.scores) != len(view):
+        raise ValueError(f"the defense reported {len(report.scores)} suspicion scores for a view of {len(view)} rows")
+    return detection_metrics(report.scores, is_poison, report.kept)
+
+
+def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defense,
+                 is_poison: np.ndarray | None = None) -> tuple[ClipModel, dict[str, Any]]:
+    """Train (or reuse) the victim; ``is_poison`` (the runner's, never the defense's) scores a detection report.
+
+    The detection metrics are stored in the checkpoint's meta, so a reused
+    checkpoint reports them too.
+    """
     spec, store = rc.spec, rc.store
     key = train_key(spec, type(defense).trains())
     # Held while looking for the artifact and building it: a concurrent worker waits, then reuses it.
@@ -238,12 +267,15 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
             meta = store.load_model_into("train", key, model)
             return model, {"key": key, "reused": True, "reused_from": meta.get("run_id", ""), "seconds": 0.0,
                            "steps": meta.get("steps", 0), "history": meta.get("history", []),
-                           "n_skipped_images": meta.get("n_skipped_images", 0)}
+                           "n_skipped_images": meta.get("n_skipped_images", 0),
+                           "detection": meta.get("detection")}
         trains = type(defense).trains()
         d = defense if trains else DEFENSES.get("none")(spec.defense.__class__(name="none"))
-        ctx = defense_context(rc, "train")
+        # ``base`` itself is never trained (the victim is ``model``, a copy): the factory copies it clean.
+        ctx = defense_context(rc, "train", reference=base)
         with D.rank_zero_first():  # a knowledge cache is filled once, by rank 0
             data = d.prepare_data(view, ctx)
+        detection = detection_from(ctx, view, is_poison)
         trainer = Trainer(
             model, data, TrainConfig.from_spec(spec.train, derive_seed(spec.seed, "train"), spec.data.on_error, spec.runtime),
             objective=d.objective(ctx), callbacks=d.callbacks(ctx),
@@ -254,10 +286,13 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
         meta = {"steps": result.steps, "seconds": result.seconds, "history": result.history, "run_id": run_id_for(spec),
                 "defense": d.spec.name, "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s,
                 "world_size": result.world_size, "n_trimmed_rows": result.n_trimmed_rows}
+        if detection is not None:  # only then: an existing defense's meta stays as it was
+            meta["detection"] = detection
         rc.save_model("train", key, model, meta)
         return model, {"key": key, "reused": False, "seconds": result.seconds, "steps": result.steps,
                        "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
-                       "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s}
+                       "n_skipped_images": result.n_skipped_images, "data_wait_s": result.data_wait_s,
+                       "detection": detection}
 
 
 def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defense: Defense, trained_key: str) -> tuple[ClipModel, dict[str, Any]]:
@@ -412,10 +447,12 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
             with rc.status("evaluating the clean base model under the trigger"):
                 record["metrics_base_model"] = evaluate_base_model(rc, base, bundle, attack, plan)
         timings["eval_base_s"] = time.perf_counter() - t
-        model, train_info = train_victim(rc, base, poisoned.view, defense)
+        model, train_info = train_victim(rc, base, poisoned.view, defense, poisoned.is_poison.cpu().numpy())
         timings["train_s"] = train_info["seconds"]
         record["data"]["n_unreadable_train"] = int(train_info.get("n_skipped_images", 0))
-        record["artifacts"]["train"] = {k: v for k, v in train_info.items() if k != "history"}
+        record["artifacts"]["train"] = {k: v for k, v in train_info.items() if k not in ("history", "detection")}
+        if train_info.get("detection") is not None:
+            record["detection"] = train_info["detection"]
         record["train_history"] = train_info.get("history", [])
         if defense_cls.repairs():
             t = time.perf_counter()
@@ -433,6 +470,7 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
             for key in ("asr", "poison_success"):
                 if key in record["metrics_base_model"]:
                     record["metrics"][f"{key}_base_model"] = record["metrics_base_model"][key]
+            record["metrics"].update(detection_columns(record.get("detection")))
         timings["eval_s"] = time.perf_counter() - t
         record["status"] = "ok"
     except TrainingDiverged as exc:  # every rank diverges together (the trainer agrees on it)
@@ -453,6 +491,18 @@ def _run_cell(spec: ExperimentSpec, results_dir: Path, console: Console | None, 
         return record  # rank 0's record is the one returned (run_cell broadcasts it)
     _finish_record(record, timings, t_all, rpath)
     return record
+
+
+#: Detection entries that become leaderboard metrics, and the names of their columns.
+DETECTION_COLUMNS = {"auroc": "detection_auroc", "precision": "detection_precision", "recall": "detection_recall",
+                     "n_dropped": "detection_n_dropped"}
+
+
+def detection_columns(detection: dict[str, Any] | None) -> dict[str, float]:
+    """The record's detection entries that are numbers, under their metric names (none without a report)."""
+    if not detection:
+        return {}
+    return {col: detection[k] for k, col in DETECTION_COLUMNS.items() if isinstance(detection.get(k), (int, float))}
 
 
 def _finish_record(record: dict[str, Any], timings: dict[str, float], t_all: float, rpath: Path) -> None:

@@ -17,6 +17,20 @@ A defense that overrides only ``repair`` is *post-training*: the runner reuses
 the checkpoint trained under ``none`` for the same attack and seed.
 ``needs`` declares extra model outputs (``patches``, ``attention``) so the
 plain path pays nothing for them.
+
+The defender's own model: ``ctx.reference_model()`` (during ``prepare_data``,
+``objective`` and ``callbacks``) returns a fresh copy, in eval mode, of the
+clean base model the victim starts from (the stand-in for a web-pretrained
+CLIP), or None where there is none to give (the repair phase). A defense may
+embed, score or fine-tune that copy; it never touches the victim.
+
+Detection: a defense that scores the pairs it was given calls
+``ctx.report_suspicion(scores, kept)`` in ``prepare_data``: ``scores`` holds
+one number per row of the view it was handed (higher = more suspicious),
+``kept`` the rows of that view it trains on (None if it drops nothing). The
+runner, which alone holds the poison flags, turns any such report into
+detection metrics (AUROC, number dropped, precision / recall of the dropped
+rows) in the record; the defense learns nothing back.
 """
 
 from __future__ import annotations
@@ -24,11 +38,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 from shieldbench.data.views import TrainView
 from shieldbench.models.clip import ClipModel
 from shieldbench.spec import DefenseSpec, TrainSpec, validate_options
 from shieldbench.training.contracts import Callback, Objective
 from shieldbench.training.losses import ClipObjective
+
+
+@dataclass(frozen=True)
+class SuspicionReport:
+    """Per-row suspicion scores for the view a defense was handed, and the rows it kept.
+
+    ``scores[i]`` belongs to row ``i`` of that view (higher = more likely
+    poisoned); ``kept`` holds sorted, distinct row indices into it, or is None
+    when the defense scores without dropping anything.
+    """
+
+    scores: np.ndarray
+    kept: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+        if not np.isfinite(scores).all():
+            raise ValueError("suspicion scores must be finite (give unscorable rows the lowest score)")
+        object.__setattr__(self, "scores", scores)
+        if self.kept is not None:
+            kept = np.unique(np.asarray(self.kept, dtype=np.int64).reshape(-1))
+            if len(kept) and (kept[0] < 0 or kept[-1] >= len(scores)):
+                raise ValueError(f"kept rows must lie in [0, {len(scores)})")
+            object.__setattr__(self, "kept", kept)
+
+
+SUSPICION_KEY = "suspicion"
+"""Where :meth:`DefenseContext.report_suspicion` leaves its report in ``extras``."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +86,19 @@ class DefenseContext:
     cache_dir: str = ""
     show_progress: bool = True
     extras: dict[str, Any] = field(default_factory=dict)
+    reference_model: Callable[[], ClipModel] | None = None
+    """A fresh eval-mode copy of the clean base model per call (the defender's pretrained CLIP); None if none."""
+
+    def report_suspicion(self, scores: Any, kept: Any = None) -> SuspicionReport:
+        """Leave per-row suspicion scores (and the kept rows) for the runner to score against the truth."""
+        report = SuspicionReport(np.asarray(scores), None if kept is None else np.asarray(kept))
+        self.extras[SUSPICION_KEY] = report
+        return report
+
+    def suspicion(self) -> SuspicionReport | None:
+        """The report left by :meth:`report_suspicion`, if any."""
+        report = self.extras.get(SUSPICION_KEY)
+        return report if isinstance(report, SuspicionReport) else None
 
 
 class Defense:

@@ -26,15 +26,18 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import binomtest
+from scipy.stats import binomtest, mannwhitneyu
 
 __all__ = [
     "Rate",
     "attack_success_rate",
     "backdoor_hit_at_k",
     "defense_effectiveness_rating",
+    "detection_auroc",
+    "detection_metrics",
     "hit_at_k_from_ranks",
     "retrieval_recall",
     "robust_accuracy",
@@ -480,3 +483,71 @@ def defense_effectiveness_rating(
     asr_drop = max(0.0, float(asr_none) - float(asr_def))
     ca_drop = max(0.0, float(ca_none) - float(ca_def))
     return (asr_drop - ca_drop + 1.0) / 2.0
+
+
+# --------------------------------------------------------------------------
+# Poison detection (a defense's per-row suspicion scores against the truth)
+# --------------------------------------------------------------------------
+
+#: Fractions of the data, ranked by suspicion, at which :func:`detection_metrics` reports the recall.
+RECALL_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def _scores_flags(scores: Sequence[float] | np.ndarray, is_poison: Sequence[bool] | np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(is_poison, dtype=bool).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.shape[0]} scores but {y.shape[0]} poison flags")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    return s, y
+
+
+def detection_auroc(scores: Sequence[float] | np.ndarray, is_poison: Sequence[bool] | np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` (higher = more suspicious) for telling poisons from clean rows.
+
+    ``AUROC = U / (n_pos * n_neg)``, ``U`` the Mann-Whitney statistic of the
+    poisons' scores against the clean ones' (``scipy.stats.mannwhitneyu``):
+    the probability that a random poison outscores a random clean row, a tie
+    counting one half. 0.5 is chance, 1 a perfect ranking.
+
+    Returns ``nan`` when there are no poisons or no clean rows.
+    """
+    s, y = _scores_flags(scores, is_poison)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    u = mannwhitneyu(s[y], s[~y], alternative="two-sided").statistic
+    return float(u) / (n_pos * n_neg)
+
+
+def detection_metrics(scores: Sequence[float] | np.ndarray, is_poison: Sequence[bool] | np.ndarray,
+                      kept: Sequence[int] | np.ndarray | None = None) -> dict[str, float | int | None]:
+    """What a detector achieved: AUROC, recall at fixed fractions and, if rows were dropped, precision / recall.
+
+    * ``auroc``: :func:`detection_auroc` (None without both classes);
+    * ``recall_at_<f>``: poisons among the ``round(f * n)`` highest-scoring rows
+      (ties broken by row order), over all poisons, for ``f`` in
+      :data:`RECALL_FRACTIONS`: what dropping that fraction would catch;
+    * ``n_rows``, ``n_poison``; with ``kept``: ``n_dropped``, ``n_poison_dropped``,
+      ``precision`` (poisons among the dropped rows; None if none dropped) and
+      ``recall`` (dropped poisons over all poisons; None without poisons).
+    """
+    s, y = _scores_flags(scores, is_poison)
+    n, n_pos = len(s), int(y.sum())
+    auroc = detection_auroc(s, y)
+    out: dict[str, float | int | None] = {"auroc": None if math.isnan(auroc) else auroc, "n_rows": n,
+                                          "n_poison": n_pos}
+    order = np.argsort(-s, kind="stable")
+    for f in RECALL_FRACTIONS:
+        m = int(round(f * n))
+        out[f"recall_at_{f:g}"] = float(y[order[:m]].sum()) / n_pos if n_pos else None
+    if kept is not None:
+        dropped = np.ones(n, dtype=bool)
+        dropped[np.asarray(kept, dtype=np.int64).reshape(-1)] = False
+        n_drop, hit = int(dropped.sum()), int((dropped & y).sum())
+        out.update({"n_dropped": n_drop, "n_poison_dropped": hit,
+                    "precision": hit / n_drop if n_drop else None,
+                    "recall": hit / n_pos if n_pos else None})
+    return out
