@@ -485,7 +485,16 @@ def _on_interrupt(signum: int, frame: Any) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, _on_interrupt)
     try:
-        app()
+        try:
+            app()
+        except OSError as exc:
+            # A full disk where no writer named its file (a lock, a library's own write) is still one line.
+            from shieldbench.fileio import no_room
+
+            full = no_room(exc)
+            if full is None:
+                raise
+            raise full from exc
     except UserError as exc:
         # Escaped: a message quoting "[data]" or "[1]" is text, not rich markup.
         err.print(f"[red]error:[/red] {rich_escape(str(exc))}", highlight=False, soft_wrap=True)

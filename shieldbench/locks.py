@@ -25,14 +25,21 @@ from typing import Iterator
 
 from filelock import FileLock
 
+from shieldbench.fileio import write_all, writing
+
 
 @contextmanager
 def locked(path: str | Path) -> Iterator[None]:
     """Hold the inter-process lock ``path`` (created with its folder) for the block."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path)):
+    lock = FileLock(str(path))
+    with writing(path):  # the lock file is created: on a full disk, one line naming it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def note_build(log: str | Path, kind: str, key: str) -> None:
@@ -46,12 +53,13 @@ def note_build(log: str | Path, kind: str, key: str) -> None:
     line = json.dumps({"kind": kind, "key": key, "pid": os.getpid(), "host": socket.gethostname(),
                        "time": time.time()}) + "\n"
     log = Path(log)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
-    try:
-        os.write(fd, line.encode("utf-8"))
-    finally:
-        os.close(fd)
+    with writing(log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
+        try:
+            write_all(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
 
 
 __all__ = ["locked", "note_build"]

@@ -14,7 +14,6 @@ atomically with the umask's mode, like every other results file.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,7 +26,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from shieldbench.fileio import temp_beside  # noqa: E402
+from shieldbench.fileio import atomic_write  # noqa: E402
 
 # The control comes first on every axis: a defense (or an attack) is read against it.
 CONTROL = "none"
@@ -40,14 +39,8 @@ TITLES = {"asr": "attack success rate", "hit@1": "backdoor hit@1"}
 
 def save_png(fig: Figure, path: Path) -> Path:
     """Write ``fig`` to ``path`` atomically (temp file + rename), with the umask's mode; close it."""
-    fd, tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI))
     finally:
         plt.close(fig)
     return path

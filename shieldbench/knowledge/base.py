@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterable, Sequence
 
-from shieldbench.fileio import atomic_write_text, sweep_temps
+from shieldbench.fileio import atomic_write_text, sweep_temps, write_all, writing
 from shieldbench.locks import locked
 
 __all__ = [
@@ -234,21 +234,23 @@ class KnowledgeCache:
             self._records[caption_key(rec.caption)] = rec
         if self.path is None or not records:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
-        try:
-            # A previous crash may have left a line without its newline: start a
-            # fresh line so the new record is not glued onto the broken one.
-            if os.fstat(fd).st_size > 0:
-                with open(self.path, "rb") as fh:
-                    fh.seek(-1, os.SEEK_END)
-                    if fh.read(1) != b"\n":
-                        os.write(fd, b"\n")
-            for rec in records:
-                os.write(fd, (json.dumps(rec.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # A full disk is one line naming the file; a line it cut short is torn, and the reader rejects it.
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
+            try:
+                # A previous crash may have left a line without its newline: start a
+                # fresh line so the new record is not glued onto the broken one.
+                if os.fstat(fd).st_size > 0:
+                    with open(self.path, "rb") as fh:
+                        fh.seek(-1, os.SEEK_END)
+                        if fh.read(1) != b"\n":
+                            write_all(fd, b"\n")
+                for rec in records:
+                    write_all(fd, (json.dumps(rec.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _warn(message: str) -> None:

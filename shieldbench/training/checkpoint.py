@@ -7,27 +7,23 @@ final model artifact holds the weights only.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shieldbench.errors import UserError
-from shieldbench.fileio import temp_beside
+from shieldbench.fileio import atomic_write
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = temp_beside(path)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temp file in the same folder, then rename over ``path`` (see :func:`atomic_write`).
+
+    Through a Python file object, not a path: torch's own writer reports a
+    full disk as "unexpected pos N vs M", a file object raises ``ENOSPC``,
+    which becomes one line naming ``path``.
+    """
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def safe_load(path: str | Path) -> Any:
