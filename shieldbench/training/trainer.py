@@ -252,10 +252,29 @@ class Trainer:
         )
 
     def _resume(self) -> int:
-        """Load the checkpoint if any; returns the epoch to start (``_resume_batch`` the batch in it)."""
+        """Load the checkpoint if any; returns the epoch to start (``_resume_batch`` the batch in it).
+
+        The checkpoint is disposable (it only saves time), so one that cannot
+        be resumed from (corrupt, truncated, another model's shapes, fields
+        missing or of the wrong type) is one warning line, removed, and
+        training starts from the beginning: never an error that every rerun
+        would repeat. It is checked whole before anything is loaded from it,
+        so a bad one leaves the model and optimizer as they were.
+        """
         if self.checkpoint_path is None or not self.checkpoint_path.is_file():
             return 0
-        state = safe_load(self.checkpoint_path)
+        try:
+            state = safe_load(self.checkpoint_path)
+            why = self._unresumable(state)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # UserError (corrupt file) is a ValueError
+            why = str(exc)
+        if why:
+            if self.rank == 0:  # one warning and one removal; every rank reads the same file and starts afresh
+                Console(stderr=True).print(f"warning: resume checkpoint {self.checkpoint_path}: {why}; removed, "
+                                           f"training starts from the beginning", markup=False, highlight=False,
+                                           soft_wrap=True)
+                self.checkpoint_path.unlink(missing_ok=True)
+            return 0
         self.model.clip.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
@@ -269,6 +288,45 @@ class Trainer:
             self._resume_sums = {k: float(v) for k, v in state.get("sums", {}).items()}
             return int(state["epoch"])
         return int(state["epoch"]) + 1
+
+    def _unresumable(self, state: object) -> str:
+        """Why ``state`` cannot be resumed from by this trainer ("" if it can); reads, changes nothing."""
+        if not isinstance(state, dict):
+            return f"not a training checkpoint but {type(state).__name__}"
+        for name in ("model", "optimizer", "epoch", "step"):
+            if name not in state:
+                return f"no {name!r} in it"
+        own = self.model.clip.state_dict()
+        saved = state["model"]
+        if not isinstance(saved, dict) or set(saved) != set(own):
+            return "its weights are not this model's (other parameter names)"
+        for name, tensor in own.items():
+            if not isinstance(saved[name], torch.Tensor) or saved[name].shape != tensor.shape:
+                return f"its weight {name} has another shape than this model's"
+        opt = state["optimizer"]
+        groups = self.optimizer.param_groups
+        if (not isinstance(opt, dict) or not isinstance(opt.get("state"), dict)
+                or not isinstance(opt.get("param_groups"), list) or len(opt["param_groups"]) != len(groups)):
+            return "its optimizer state is not this optimizer's"
+        for saved_group, group in zip(opt["param_groups"], groups):
+            ids = saved_group.get("params") if isinstance(saved_group, dict) else None
+            if not isinstance(ids, list) or len(ids) != len(group["params"]):
+                return "its optimizer state is not this optimizer's"
+            for pid, param in zip(ids, group["params"]):
+                # AdamW's moments have their parameter's shape (``step`` is a scalar).
+                for value in (opt["state"].get(pid) or {}).values():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                        return "its optimizer state has another shape than this model's"
+        for name in ("epoch", "step", "next_batch", "n_skipped_images", "n_trimmed_rows"):
+            value = state.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                return f"its {name!r} is not a count"
+        if state["epoch"] >= self.config.epochs:
+            return f"its epoch {state['epoch']} is past this training's {self.config.epochs}"
+        if not isinstance(state.get("history", []), list) or not isinstance(state.get("callbacks", []), list) \
+                or not isinstance(state.get("sums", {}), dict):
+            return "its history, sums or callback states are malformed"
+        return ""
 
     # -- loop -------------------------------------------------------------------
     def set_lr(self) -> float:
