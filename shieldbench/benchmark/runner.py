@@ -513,6 +513,7 @@ def _finish_record(record: dict[str, Any], timings: dict[str, float], t_all: flo
     if torch.cuda.is_available():
         record["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(rpath, record)
+    # The record last: it marks the cell finished, so a failed log write (a full disk) reruns the cell.
     if record.get("train_history"):
         atomic_write_text(rpath.parent / "train_log.csv", pd.DataFrame(record["train_history"]).to_csv(index=False))
+    atomic_write_json(rpath, record)
