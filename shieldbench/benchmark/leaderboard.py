@@ -59,6 +59,18 @@ def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def report_corrupt(records: list[dict[str, Any]]) -> None:
+    """One warning line if some records could not be read: how many, the first one and why; the rest is built."""
+    bad = [r for r in records if r.get("status") == "corrupt"]
+    if not bad:
+        return
+    from rich.console import Console
+
+    more = f" (and {len(bad) - 1} more; see runs.csv)" if len(bad) > 1 else ""
+    Console(stderr=True).print(f"warning: {len(bad)} unreadable record(s) left out of the leaderboard: "
+                               f"{bad[0]['error']}{more}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _malformed(record: Any) -> str:
     if not isinstance(record, dict):
         return f"not a JSON object but {type(record).__name__}"
@@ -173,6 +185,10 @@ def t_interval(values: pd.Series, confidence: float = 0.95,
 
 
 def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    # A record that could not be read names no attack, defense or setting: it stays in runs.csv with its
+    # error, but is no leaderboard row (it was a row of "nan" in every column).
+    if not runs.empty:
+        runs = runs[runs["status"] != "corrupt"]
     if runs.empty:
         return pd.DataFrame(columns=[*GROUP, "setting", "config", "n_seeds", "n_failed"])
     ok = runs[runs["status"] == "ok"]
@@ -227,7 +243,9 @@ def rebuild(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     with locked(results_dir / ".leaderboard.lock"):
         # These files are written under this lock alone: a temp file of theirs is a killed write's.
         sweep_temps(results_dir, LEADERBOARD_FILES)
-        runs = runs_frame(load_records(results_dir))
+        records = load_records(results_dir)
+        report_corrupt(records)
+        runs = runs_frame(records)
         board = leaderboard_frame(runs)
         atomic_write_text(results_dir / "runs.csv", runs.to_csv(index=False))
         atomic_write_text(results_dir / "leaderboard.csv", board.to_csv(index=False))
