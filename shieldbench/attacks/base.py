@@ -127,6 +127,9 @@ class Attack(ABC):
     paper: ClassVar[str] = ""
     default_mix: ClassVar[str] = "replace"
     has_trigger: ClassVar[bool] = True
+    uses_surrogate: ClassVar[bool] = False
+    """True when ``plan`` optimises against ``ctx.surrogate()`` (the clean base model): the plan's
+    cache key then includes the base model's key."""
 
     @dataclass(frozen=True)
     class Params:

@@ -106,6 +106,9 @@ def plan_summary(spec: ExperimentSpec, bundle: DatasetBundle) -> dict[str, Any]:
     attack = make_attack(spec, bundle, None)
     if spec.attack.name == "label_consistent" and attack.params.pgd_steps > 0:  # type: ignore[attr-defined]
         return {"n_poisoned": "computed at run time (PGD hardening)", "mix": attack.mix}
+    if getattr(attack, "uses_surrogate", False):  # its plan is optimised on the base model, not trained yet
+        return {"n_poisoned": attack.n_requested(), "mix": attack.mix, "target": spec.attack.target,
+                "note": "trigger optimised at run time on the clean base model"}
     plan: PoisonPlan = attack.plan(derive_seed(spec.seed, "attack"))
     n_appended = sum(1 for e in plan.edits if e.row is None)
     return {"n_poisoned": plan.n_poisoned, "n_rows_after": len(bundle.train) + n_appended, "mix": plan.mix,

@@ -14,7 +14,7 @@ files behind it:
 | artifact | key |
 |---|---|
 | ``base`` | data (as the base model sees it), model (+ weights file), base training, code |
-| ``plans`` | data, attack (+ its files), seed, code |
+| ``plans`` | data, attack (+ its files), seed, code; the base key too for an attack that optimises its plan on the base model (``uses_surrogate``) |
 | ``train`` | base key, data, model, training, attack, seed, the defense if it trains (+ its files), code |
 | ``repair`` | train key, defense (+ its files), data, seed, code |
 | ``base_eval`` | base key, data, attack, plan hash, evaluation spec, seed, code |
@@ -107,8 +107,20 @@ def base_key(spec: ExperimentSpec) -> str:
 
 
 def plan_key(spec: ExperimentSpec) -> str:
-    return digest({"data": data_identity(spec), "attack": attack_identity(spec), "seed": spec.seed,
-                   "code": package_versions()})
+    parts = {"data": data_identity(spec), "attack": attack_identity(spec), "seed": spec.seed,
+             "code": package_versions()}
+    # A plan optimised on the clean base model (BadCLIP's patch) depends on that model too;
+    # only such attacks add it, so no other plan's key moves.
+    if _attack_uses_surrogate(spec.attack.name):
+        parts["surrogate"] = base_key(spec)
+    return digest(parts)
+
+
+def _attack_uses_surrogate(name: str) -> bool:
+    try:
+        return bool(getattr(ATTACKS.get(name), "uses_surrogate", False))
+    except UserError:
+        return False
 
 
 def train_key(spec: ExperimentSpec, defense_trains: bool) -> str:
