@@ -18,12 +18,15 @@ BUILTIN_ATTACKS = {
     "wanet": "shieldbench.attacks.wanet:WaNet",
     "label_consistent": "shieldbench.attacks.label_consistent:LabelConsistent",
     "targeted": "shieldbench.attacks.targeted:TargetedPoisoning",
+    "badclip": "shieldbench.attacks.badclip:BadCLIP",
+    "ke_adaptive": "shieldbench.attacks.badclip:KEAdaptive",
 }
 BUILTIN_DEFENSES = {
     "none": "shieldbench.defenses.none:NoDefense",
     "semantic_shield": "shieldbench.defenses.semantic_shield:SemanticShield",
     "cleanclip": "shieldbench.defenses.cleanclip:CleanCLIP",
     "roclip": "shieldbench.defenses.roclip:RoCLIP",
+    "detect_filter": "shieldbench.defenses.detect_filter:DetectFilter",
 }
 BUILTIN_DATASETS = {
     "synthetic": "shieldbench.data.datasets:synthetic_world",
@@ -47,7 +50,17 @@ BUILTIN_KNOWLEDGE: dict[str, str] = {
 
 # What `shieldbench list KIND` shows for each built-in without importing it (torch, open_clip).
 # tests/test_registry.py checks that every entry equals the class's own attributes.
-BUILTIN_METADATA: dict[str, dict[str, dict[str, str]]] = {'attacks': {'badnets': {'description': 'Patch trigger + target caption (Gu et al. 2017; CLIP: Carlini & Terzis '
+BUILTIN_METADATA: dict[str, dict[str, dict[str, str]]] = {'attacks': {'badclip': {'description': 'Optimised centre patch + natural target captions, on a frozen clean '
+                                        'surrogate (Liang et al., CVPR 2024).',
+                         'paper': 'Liang et al., CVPR 2024, BadCLIP: Dual-Embedding Guided Backdoor Attack on '
+                                  'Multimodal Contrastive Learning',
+                         'threat_model': 'dirty_label'},
+             'ke_adaptive': {'description': "BadCLIP plus a term that raises Semantic Shield's KE grounding of "
+                                            'triggered images with target captions.',
+                             'paper': 'adaptive attack on Semantic Shield (Ishmam & Thomas, CVPR 2024), built on '
+                                      'Liang et al., CVPR 2024, BadCLIP',
+                             'threat_model': 'dirty_label'},
+             'badnets': {'description': 'Patch trigger + target caption (Gu et al. 2017; CLIP: Carlini & Terzis '
                                         '2022).',
                          'paper': 'Gu et al., BadNets, 2017; Carlini & Terzis, ICLR 2022',
                          'threat_model': 'dirty_label'},
@@ -84,7 +97,11 @@ BUILTIN_METADATA: dict[str, dict[str, dict[str, str]]] = {'attacks': {'badnets':
                                            'elements (no download).'},
               'webdataset': {'description': 'Tar shards as img2dataset writes them (<key>.jpg/.png + <key>.txt), '
                                             'brace-expanded shard lists.'}},
- 'defenses': {'cleanclip': {'description': 'Post-training: fine-tune on clean pairs with CLIP + in-modal '
+ 'defenses': {'detect_filter': {'description': 'Pre-training: drop the pairs whose image embedding is a local outlier '
+                                               '(DAO / SLOF / k-dist), then train (Huang et al. 2025).',
+                                'paper': 'Huang et al., Detecting Backdoor Samples in Contrastive Language Image '
+                                         'Pretraining, ICLR 2025'},
+              'cleanclip': {'description': 'Post-training: fine-tune on clean pairs with CLIP + in-modal '
                                            'self-supervised loss (Bansal et al. 2023).',
                             'paper': 'Bansal et al., CleanCLIP, ICCV 2023'},
               'none': {'description': 'Plain CLIP training, no defense (the baseline).',
