@@ -13,7 +13,7 @@ on test images. Loss terms (each with its weight option):
 - textual (``text_weight``): CLIP's symmetric InfoNCE between the triggered
   images and natural target captions (training captions that name the
   target, ``class_pattern``), at the surrogate's logit scale. With
-  ``own_negatives`` (default) the image-to-text side also contrasts each
+  ``own_negatives`` (off by default: the paper's form) the image-to-text side also contrasts each
   triggered image with the batch's own (non-target) captions: with target
   captions alone, a shift of every triggered image toward the target concept
   raises every logit of a row alike and leaves InfoNCE unchanged, so the
@@ -156,8 +156,8 @@ class BadCLIP(Attack):
                                  "embedding (paper, with negatives); pull: 1 - cos to a target image",
                                  choices=("triplet", "pull"))
         margin: float = param(1.0, "triplet margin (distances on L2-normalised embeddings, at most 2)", lo=0)
-        own_negatives: bool = param(True, "textual term: also contrast each triggered image with the batch's own "
-                                    "non-target captions (false: target captions only, as the reference code)")
+        own_negatives: bool = param(False, "textual term: also contrast each triggered image with the batch's own "
+                                    "non-target captions (our addition; false: target captions only, as the paper's code)")
         captions: str = param("natural", "poison captions and textual targets: natural (training captions naming "
                               "the target; paper) or templates", choices=("natural", "templates"))
         n_images: int = param(2048, "non-target training images the patch is optimised over (at most)", lo=2)
