@@ -4,6 +4,8 @@
 #   scripts/docs_measurements.sh validation   # choices: validation worlds (data.seed 1, 2) only
 #   scripts/docs_measurements.sh reported     # the reported world (data.seed 0), master seeds 0, 1, 2
 #   scripts/docs_measurements.sh tables       # the markdown tables pasted into the docs
+#   scripts/docs_measurements.sh adaptive     # the adaptive-attack and detection cells (reported world)
+#   scripts/docs_measurements.sh adaptive_tables
 #
 # Runs are sequential on purpose: on a 2-core machine parallel torch jobs each run
 # up to 10x slower. A run whose record exists is skipped, so the script resumes.
@@ -72,4 +74,24 @@ tables() {
   shieldbench leaderboard -o "$VAL" --format markdown --metrics clean_top1,asr,asr_base_model,poison_success,i2t_R@1
 }
 
-"${1:?validation | reported | tables}"
+adaptive() {
+  # BadCLIP and ke_adaptive against each defense, detect_filter against the patch/blend/warp
+  # attacks, with the baselines they are read against; seed by seed, so a stop leaves whole seeds.
+  for s in $SEEDS; do
+    for a in badnets blended wanet badclip ke_adaptive; do run -a $a -d none -s $s -o "$REP"; done
+    for a in badnets badclip; do run -a $a -d cleanclip -s $s -o "$REP"; done
+    for a in badnets badclip ke_adaptive; do run -a $a -d semantic_shield -s $s -o "$REP"; done
+    for a in badnets blended wanet; do run -a $a -d detect_filter -s $s -o "$REP"; done
+  done
+}
+
+adaptive_tables() {
+  echo "## BadCLIP and ke_adaptive (docs/attacks.md, docs/semantic_shield.md)"
+  shieldbench leaderboard -o "$REP" --attacks badnets,badclip,ke_adaptive --defenses none,cleanclip,semantic_shield \
+    --setting "-,variant=weighted_ke" --format markdown --metrics clean_top1,asr,asr_base_model,hit@1
+  echo "## detect_filter (docs/baselines.md)"
+  shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet --defenses none,detect_filter --format markdown \
+    --metrics detection_auroc,detection_recall,clean_top1,asr,asr_base_model
+}
+
+"${1:?validation | reported | tables | adaptive | adaptive_tables}"
