@@ -5,6 +5,7 @@
 #   scripts/docs_measurements.sh reported     # the reported world (data.seed 0), master seeds 0, 1, 2
 #   scripts/docs_measurements.sh tables       # the markdown tables pasted into the docs
 #   scripts/docs_measurements.sh adaptive     # the adaptive-attack and detection cells (reported world)
+#   scripts/docs_measurements.sh adaptive_templates   # (part of adaptive) template-captioned BadCLIP / ke_adaptive
 #   scripts/docs_measurements.sh adaptive_tables
 #
 # Runs are sequential on purpose: on a 2-core machine parallel torch jobs each run
@@ -83,6 +84,15 @@ adaptive() {
     for a in badnets badclip ke_adaptive; do run -a $a -d semantic_shield -s $s -o "$REP"; done
     for a in badnets blended wanet; do run -a $a -d detect_filter -s $s -o "$REP"; done
   done
+  adaptive_templates
+}
+
+adaptive_templates() {
+  # The grounding term alone: with template captions Semantic Shield's gate silences BadCLIP's
+  # poisons as it silences BadNets'; does ke_adaptive's patch get them through?
+  for s in $SEEDS; do
+    for a in badclip ke_adaptive; do run -a $a -d semantic_shield -s $s -o "$REP" --set attack.captions=templates; done
+  done
 }
 
 adaptive_tables() {
@@ -94,4 +104,4 @@ adaptive_tables() {
     --metrics detection_auroc,detection_recall,clean_top1,asr,asr_base_model
 }
 
-"${1:?validation | reported | tables | adaptive | adaptive_tables}"
+"${1:?validation | reported | tables | adaptive | adaptive_templates | adaptive_tables}"
