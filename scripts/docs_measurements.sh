@@ -98,7 +98,7 @@ adaptive_templates() {
 adaptive_tables() {
   echo "## BadCLIP and ke_adaptive (docs/attacks.md, docs/semantic_shield.md)"
   shieldbench leaderboard -o "$REP" --attacks badnets,badclip,ke_adaptive --defenses none,cleanclip,semantic_shield \
-    --setting "-,variant=weighted_ke" --format markdown --metrics clean_top1,asr,asr_base_model,hit@1
+    --format markdown --metrics clean_top1,asr,asr_base_model,hit@1
   echo "## detect_filter (docs/baselines.md)"
   shieldbench leaderboard -o "$REP" --attacks badnets,blended,wanet --defenses none,detect_filter --format markdown \
     --metrics detection_auroc,detection_recall,clean_top1,asr,asr_base_model
