@@ -68,15 +68,15 @@ def test_grid_plan_counts_shared_stages_once(tmp_path):
     attacks = api.grid_names("attacks", ["all"])
     attacks = [a for a in attacks if a != "none"]
     defenses = api.grid_names("defenses", ["all"])
-    assert len(attacks) == 5 and len(defenses) == 4
+    assert len(attacks) == 7 and len(defenses) == 5
     plan = api.plan_grid(base, attacks, defenses, [0], tmp_path)
     rows = {r["stage"]: r for r in plan.summary()}
-    # 20 cells; one base model; a plan and a base-model evaluation per attack;
-    # victims trained by none, semantic_shield and roclip (CleanCLIP repairs none's).
-    assert plan.cells == 20
-    assert rows["base"]["to_run"] == 1 and rows["plans"]["to_run"] == 5 and rows["base_eval"]["to_run"] == 5
-    assert rows["train"]["to_run"] == 15 < 20 and rows["repair"]["to_run"] == 5
-    assert plan.trainings == 21
+    # 35 cells; one base model; a plan and a base-model evaluation per attack;
+    # victims trained by none, semantic_shield, roclip and detect_filter (CleanCLIP repairs none's).
+    assert plan.cells == 35
+    assert rows["base"]["to_run"] == 1 and rows["plans"]["to_run"] == 7 and rows["base_eval"]["to_run"] == 7
+    assert rows["train"]["to_run"] == 28 < 35 and rows["repair"]["to_run"] == 7
+    assert plan.trainings == 1 + 28 + 7
 
 
 def test_slurm_waves_put_base_builders_first_and_repairs_last():
