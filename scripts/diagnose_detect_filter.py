@@ -1,6 +1,6 @@
 """Detection AUROC of every detect_filter score on a world's poisoned training view, without training a victim.
 
-    python scripts/diagnose_detect_filter.py --results /work/res/val --data-seed 1 --attacks badnets,blended,wanet
+    python scripts/diagnose_detect_filter.py --results results/validation --data-seed 1 --attacks badnets,blended,wanet
 
 Loads (or trains) the clean base model the runner would use, poisons the
 training pairs as the run would, embeds them with the base model once
