@@ -98,7 +98,7 @@ BUILTIN_METADATA: dict[str, dict[str, dict[str, str]]] = {'attacks': {'badclip':
               'webdataset': {'description': 'Tar shards as img2dataset writes them (<key>.jpg/.png + <key>.txt), '
                                             'brace-expanded shard lists.'}},
  'defenses': {'detect_filter': {'description': 'Pre-training: drop the pairs whose image embedding is a local outlier '
-                                               '(DAO / SLOF / k-dist), then train (Huang et al. 2025).',
+                                               '(LID / DAO / SLOF / k-dist), then train (Huang et al. 2025).',
                                 'paper': 'Huang et al., Detecting Backdoor Samples in Contrastive Language Image '
                                          'Pretraining, ICLR 2025'},
               'cleanclip': {'description': 'Post-training: fine-tune on clean pairs with CLIP + in-modal '

@@ -59,6 +59,7 @@ Differences from the reference code (HanxunH/Detect-CLIP-Backdoor-Samples,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -186,7 +187,7 @@ def drop_count(n: int, fraction: float) -> int:
 
 @register_defense("detect_filter")
 class DetectFilter(Defense):
-    """Pre-training: drop the pairs whose image embedding is a local outlier (DAO / SLOF / k-dist), then train (Huang et al. 2025)."""
+    """Pre-training: drop the pairs whose image embedding is a local outlier (LID / DAO / SLOF / k-dist), then train (Huang et al. 2025)."""
 
     paper: ClassVar[str] = "Huang et al., Detecting Backdoor Samples in Contrastive Language Image Pretraining, ICLR 2025"
     version: ClassVar[str] = "1"
@@ -217,11 +218,10 @@ class DetectFilter(Defense):
         if D.is_distributed():
             # prepare_data runs on rank 0 first, then on the others: a collective inside it would never meet.
             raise UserError("detect_filter: detector=warmup trains in one process; under torchrun use detector=base")
-        t = ctx.train
-        config = TrainConfig(epochs=self.params.warmup_epochs, batch_size=t.batch_size, lr=t.lr,
-                             weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
-                             grad_clip=t.grad_clip, precision=t.precision,
-                             seed=derive_seed(ctx.seed, "detect-filter-warmup"))
+        # The victim's training settings, for fewer epochs.
+        config = dataclasses.replace(
+            TrainConfig.from_spec(ctx.train, derive_seed(ctx.seed, "detect-filter-warmup")),
+            epochs=self.params.warmup_epochs)
         Trainer(model, view, config, device=ctx.device, description="detect_filter warm-up",
                 show_progress=ctx.show_progress).fit()
         return model.eval()
