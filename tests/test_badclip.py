@@ -102,7 +102,7 @@ def test_poisons_land_where_planned_with_natural_captions(smoke_world, micro_vit
     new = poisoned.view.uint8_images(torch.arange(len(smoke_world.train)))
     changed = set((new != smoke_world.train.images).flatten(1).any(1).nonzero().flatten().tolist())
     assert changed <= rows
-    natural = set(atk.natural_target_captions())
+    natural = set(atk.target_caption_pool(natural=True))
     assert all(e.caption in natural for e in plan.edits)  # real training captions naming the target
     templates = make(smoke_world, micro_vit, captions="templates").plan(0)
     assert all(e.caption in {t.format("banana") for t in smoke_world.templates} for e in templates.edits)
@@ -201,7 +201,7 @@ def test_surrogate_is_the_clean_base_model(smoke_world, micro_vit):
 def test_target_class_needs_target_captions(smoke_world, micro_vit):
     atk = make(smoke_world, micro_vit)
     pat = class_pattern("banana")
-    assert all(pat.search(c) for c in atk.natural_target_captions())
+    assert all(pat.search(c) for c in atk.target_caption_pool(natural=True))
 
 
 @pytest.mark.slow

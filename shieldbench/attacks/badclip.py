@@ -196,18 +196,9 @@ class BadCLIP(Attack):
     def _target_pattern(self):
         return class_pattern(self.ctx.classnames[self.target_index])
 
-    def natural_target_captions(self) -> list[str]:
-        pat = self._target_pattern()
-        caps = [c for c in self.ctx.train.captions if pat.search(c)]
-        if not caps:
-            raise UserError(f"{self.spec.name}: no training caption mentions {self.ctx.classnames[self.target_index]!r} "
-                            f"(captions=natural needs some); set attack.captions=templates")
-        return caps
-
     def caption_pool(self) -> list[str]:
-        if self.params.captions == "natural":
-            return self.natural_target_captions()
-        return [t.format(self.ctx.classnames[self.target_index]) for t in self.ctx.templates]
+        return self.target_caption_pool(self.params.captions == "natural",
+                                        missing=f"{self.spec.name} (captions=natural; or set attack.captions=templates): ")
 
     def _split_rows(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(non-target rows to optimise over, target rows whose images are the positives), capped and seeded."""

@@ -153,16 +153,21 @@ class Attack(ABC):
         rate = DEFAULT_POISON_RATE if self.spec.poison_rate is None else self.spec.poison_rate
         return int(round(rate * len(self.ctx.train)))
 
+    def target_caption_pool(self, natural: bool, missing: str = "attack.caption_source=caption_set: ") -> list[str]:
+        """Every caption naming the target: the training captions that mention it (``natural``, the caption
+        set; none is an error starting with ``missing``) or the templates filled with its name."""
+        target = self.ctx.classnames[self.target_index]
+        if not natural:
+            return [t.format(target) for t in self.ctx.templates]
+        pat = class_pattern(target)
+        pool = [c for c in self.ctx.train.captions if pat.search(c)]
+        if not pool:
+            raise UserError(f"{missing}no training caption mentions {target!r}")
+        return pool
+
     def target_captions(self, n: int, rng: np.random.Generator) -> list[str]:
         """``n`` captions naming the target: templates or real captions (caption set)."""
-        target = self.ctx.classnames[self.target_index]
-        if self.spec.caption_source == "caption_set":
-            pat = class_pattern(target)
-            pool = [c for c in self.ctx.train.captions if pat.search(c)]
-            if not pool:
-                raise UserError(f"attack.caption_source=caption_set: no training caption mentions {target!r}")
-        else:
-            pool = [t.format(target) for t in self.ctx.templates]
+        pool = self.target_caption_pool(self.spec.caption_source == "caption_set")
         return [pool[i] for i in rng.integers(0, len(pool), size=n)]
 
     @abstractmethod
