@@ -276,7 +276,7 @@ def fresh_model():
     return build_model("micro-vit", "", 32)
 
 
-def _trainer(ckpt: Path, bundle, model, epochs: int = 2):
+def _trainer(ckpt: Path, bundle, model, epochs: int = 2, owner: str | None = None):
     """A tiny training (32 of the smoke world's clean pairs, 2 steps of 16 an epoch), checkpointing to ``ckpt``."""
     import copy
 
@@ -285,7 +285,7 @@ def _trainer(ckpt: Path, bundle, model, epochs: int = 2):
 
     cfg = TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, warmup_steps=2, seed=0, workers=0)
     return Trainer(copy.deepcopy(model), TrainView.from_pairs(bundle.clean).subset(range(32)), cfg, checkpoint_path=ckpt,
-                   device=torch.device("cpu"), show_progress=False)
+                   device=torch.device("cpu"), show_progress=False, checkpoint_owner=owner)
 
 
 def _bad_checkpoints(good: dict) -> dict[str, Callable[[Path], None]]:
@@ -331,6 +331,29 @@ def test_a_corrupt_resume_checkpoint_is_one_warning_and_training_restarts(damage
     for name, value in trainer.model.clip.state_dict().items():
         assert torch.equal(value, final_weights[name]), name
     assert "Traceback" not in "\n".join(err)
+
+
+def test_another_trainings_checkpoint_is_not_resumed_from(trained_once, smoke_world, fresh_model, tmp_path, capsys):
+    """A well-formed checkpoint of the same model, copied in from another training's folder, is discarded."""
+    good, final_weights = trained_once
+    ckpt = tmp_path / "ckpt.pt"
+    # Its own: resumed (the good checkpoint is the last epoch's, so nothing is left to run).
+    torch.save(dict(good, owner="train/mine"), ckpt)
+    own = _trainer(ckpt, smoke_world, fresh_model, owner="train/mine").fit()
+    assert own.resumed_from_epoch == 2 and own.epochs_run == 0
+    assert not [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    # Another training's, and one from before owners were written: one warning each, trained from the start.
+    for foreign in ("train/other", None):
+        torch.save(dict(good, owner=foreign), ckpt)
+        trainer = _trainer(ckpt, smoke_world, fresh_model, owner="train/mine")
+        result = trainer.fit()
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and f"it belongs to another training ({foreign!r}, not 'train/mine')" in err[0], err
+        assert result.resumed_from_epoch == 0 and result.epochs_run == 2
+        for name, value in trainer.model.clip.state_dict().items():
+            assert torch.equal(value, final_weights[name]), name
+    # The checkpoints the trainer writes carry its owner.
+    assert torch.load(ckpt, weights_only=True)["owner"] == "train/mine"
 
 
 # -- SIGKILL at each stage of the installed command ----------------------------------------------------------

@@ -159,7 +159,7 @@ def train_base_model(rc: RunContext, bundle: DatasetBundle) -> tuple[ClipModel, 
         trainer = Trainer(
             model, TrainView.from_pairs(bundle.pretrain),
             TrainConfig.from_spec(spec.base, derive_seed(spec.data.seed, "base"), spec.data.on_error, spec.runtime),
-            checkpoint_path=store.checkpoint_path("base", key), device=rc.device,
+            checkpoint_path=store.checkpoint_path("base", key), checkpoint_owner=f"base/{key}", device=rc.device,
             description="clean base model", show_progress=rc.show_progress,
         )
         result = trainer.fit()
@@ -279,7 +279,7 @@ def train_victim(rc: RunContext, base: ClipModel, view: TrainView, defense: Defe
         trainer = Trainer(
             model, data, TrainConfig.from_spec(spec.train, derive_seed(spec.seed, "train"), spec.data.on_error, spec.runtime),
             objective=d.objective(ctx), callbacks=d.callbacks(ctx),
-            checkpoint_path=store.checkpoint_path("train", key), device=rc.device,
+            checkpoint_path=store.checkpoint_path("train", key), checkpoint_owner=f"train/{key}", device=rc.device,
             description=f"train ({d.spec.name})", show_progress=rc.show_progress,
         )
         result = trainer.fit()
@@ -307,6 +307,7 @@ def repair_victim(rc: RunContext, model: ClipModel, bundle: DatasetBundle, defen
         start = time.perf_counter()
         ctx = defense_context(rc, "repair")
         ctx.extras["checkpoint_path"] = str(store.checkpoint_path("repair", key))
+        ctx.extras["checkpoint_owner"] = f"repair/{key}"
         repaired = defense.repair(repaired, TrainView.from_pairs(bundle.clean), ctx)
         seconds = time.perf_counter() - start
         meta = {"seconds": seconds, "steps": int(ctx.extras.get("steps", 0)), "history": ctx.extras.get("history", []),

@@ -16,7 +16,8 @@ a *fresh* AdamW (the reference reloads the pretraining optimizer moments),
 per-step warmup that really runs (the reference's schedule is one epoch off),
 augmentations re-drawn for every batch from a seed derived from
 ``(ctx.seed, epoch, step)`` (the reference computes the EDA caption once for
-the run), and resume from ``ctx.extras["checkpoint_path"]``.
+the run), and resume from ``ctx.extras["checkpoint_path"]`` (a checkpoint of
+``ctx.extras["checkpoint_owner"]`` only).
 
 Learning rate: the paper's 1e-5 is for a CC3M-scale RN50 fine-tuned for ~15k
 steps; a small model trained from scratch needs a larger step, so the default
@@ -139,7 +140,8 @@ class CleanCLIP(Defense):
     def repair(self, model: ClipModel, clean: TrainView, ctx: DefenseContext) -> ClipModel:
         trainer = Trainer(
             model, clean, self.train_config(ctx), objective=self.make_objective(ctx),
-            checkpoint_path=ctx.extras.get("checkpoint_path") or None, device=ctx.device,
+            checkpoint_path=ctx.extras.get("checkpoint_path") or None,
+            checkpoint_owner=ctx.extras.get("checkpoint_owner"), device=ctx.device,
             description="repair (cleanclip)", show_progress=ctx.show_progress,
         )
         result = trainer.fit()

@@ -153,6 +153,7 @@ class Trainer:
         device: torch.device | None = None,
         description: str = "train",
         show_progress: bool = True,
+        checkpoint_owner: str | None = None,
     ) -> None:
         self.model = model
         self.data = data
@@ -164,6 +165,11 @@ class Trainer:
         if isinstance(objective, Callback) and not any(cb is objective for cb in self.callbacks):
             self.callbacks.insert(0, objective)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        # Which training a checkpoint belongs to (the runner passes the artifact's kind/key). It is
+        # written into every checkpoint, and one naming another owner is not resumed from: a
+        # well-formed checkpoint of the same model copied from another training's folder would
+        # otherwise pass every check below and silently continue that other training.
+        self.checkpoint_owner = checkpoint_owner
         self.device = device or pick_device()
         self.description = description
         self.world_size, self.rank = D.world_size(), D.rank()
@@ -247,6 +253,7 @@ class Trainer:
                 "n_trimmed_rows": self.n_trimmed_rows,
                 "world_size": self.world_size,
                 "callbacks": [cb.state_dict() for cb in self.callbacks],
+                "owner": self.checkpoint_owner,
             },
             self.checkpoint_path,
         )
@@ -326,6 +333,8 @@ class Trainer:
         if not isinstance(state.get("history", []), list) or not isinstance(state.get("callbacks", []), list) \
                 or not isinstance(state.get("sums", {}), dict):
             return "its history, sums or callback states are malformed"
+        if self.checkpoint_owner is not None and state.get("owner") != self.checkpoint_owner:
+            return f"it belongs to another training ({state.get('owner')!r}, not {self.checkpoint_owner!r})"
         return ""
 
     # -- loop -------------------------------------------------------------------

@@ -35,8 +35,10 @@ class CleanFinetune(Defense):
                              weight_decay=ctx.train.weight_decay, warmup_steps=p.warmup_steps,
                              grad_clip=ctx.train.grad_clip, precision=ctx.train.precision,
                              seed=derive_seed(ctx.seed, "clean-finetune-order"))
-        # The default objective is the CLIP loss; the checkpoint path lets a killed repair resume.
+        # The default objective is the CLIP loss; the checkpoint path lets a killed repair resume,
+        # and the owner makes it resume from this repair's checkpoint only.
         result = Trainer(model, clean, config, checkpoint_path=ctx.extras.get("checkpoint_path") or None,
-                         device=ctx.device, description="repair (clean_finetune)", show_progress=ctx.show_progress).fit()
+                         checkpoint_owner=ctx.extras.get("checkpoint_owner"), device=ctx.device,
+                         description="repair (clean_finetune)", show_progress=ctx.show_progress).fit()
         ctx.extras["steps"], ctx.extras["history"] = result.steps, result.history
         return model
