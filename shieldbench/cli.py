@@ -93,6 +93,8 @@ def metrics_table(record: dict[str, Any]) -> Table:
         for k in (1, 5, 10):
             row(f"{d} Recall@{k}", f"{d}_R@{k}")
     tm = record.get("timings", {})
+    if tm.get("prepare_s", 0) >= 0.05:  # a defense that works on the data before training (a detector's warm-up)
+        t.add_row("defense preparation", f"{tm['prepare_s']:.1f} s")
     t.add_row("train time", f"{tm.get('train_s', 0):.1f} s")
     if "repair_s" in tm:
         t.add_row("repair time", f"{tm.get('repair_s', 0):.1f} s")

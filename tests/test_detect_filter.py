@@ -219,6 +219,11 @@ def test_the_runner_measures_the_auroc_of_a_real_badnets_world(smoke_run):
     header = (results / "runs.csv").read_text().splitlines()[0].split(",")
     assert "detection_auroc" in header
     assert "detection_auroc_mean" in (results / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    # The detector's warm-up (as many steps as the victim's training here) and scoring are part of
+    # the defense's cost, beside the victim's training.
+    tm = record["timings"]
+    assert tm["prepare_s"] > 0.2 * tm["train_s"] > 0, tm
+    assert tm["cost_train_s"] == pytest.approx(tm["prepare_s"] + tm["train_s"])
 
 
 @needs_cli
@@ -232,6 +237,7 @@ def test_a_reused_train_checkpoint_still_reports_the_auroc(smoke_run):
     assert again["artifacts"]["train"]["reused"] is True
     assert again["detection"] == first["detection"]
     assert again["metrics"]["detection_auroc"] == first["metrics"]["detection_auroc"]
+    assert again["timings"]["prepare_s"] == again["timings"]["cost_train_s"] == 0.0  # nothing was prepared or trained
 
 
 @needs_cli
@@ -243,3 +249,5 @@ def test_a_defense_without_a_report_has_no_detection_entry(smoke_run):
     [path] = [p for p in Path(results, "runs").glob("*__none__*/record.json")]
     record = json.loads(path.read_text())
     assert "detection" not in record and "detection_auroc" not in record["metrics"]
+    tm = record["timings"]  # no defense: nothing to prepare, the cost is the training
+    assert tm["prepare_s"] < 0.1 * tm["train_s"] and tm["cost_train_s"] == pytest.approx(tm["prepare_s"] + tm["train_s"])
