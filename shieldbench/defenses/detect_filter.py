@@ -25,8 +25,8 @@ What this defense does, in ``prepare_data``, before the victim trains:
      docs/baselines.md): the MLE of local intrinsic dimensionality (Amsaleg
      et al.; Ma et al. 2018), ``LID(p) = -k / sum_{i<=k} log(r_i(p) / r_k(p))``;
    - ``slof``: simplified LOF, ``mean_{o in N_k(p)} d_k(p) / d_k(o)``;
-   - ``dao`` (the paper's recommended score): dimensionality-aware outlier score (Anderberg et al.
-     2024), ``DAO(p) = mean_{o in N_k(p)} (d_k(p) / d_k(o)) ** LID(o)``,
+   - ``dao`` (the paper's recommended score): dimensionality-aware outlier
+     score (Anderberg et al. 2024), ``DAO(p) = mean_{o in N_k(p)} (d_k(p) / d_k(o)) ** LID(o)``,
      returned as ``log DAO`` (computed by log-mean-exp: the same ranking,
      without overflowing when LID is large).
 
